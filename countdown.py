@@ -1,0 +1,599 @@
+"""The Countdown game: problems, an exact solver, prompts, and demonstrations for the warm-up.
+
+Countdown: given 3-4 numbers and a target, write an arithmetic expression with + - * / and parentheses that
+uses every number exactly once and equals the target, e.g. [3, 5, 7] -> 22: (3*5)+7.
+
+    python countdown.py          # prints prompts, demonstrations, generator speed and long-form lengths
+
+What is here, top to bottom:
+1. Problem, with TinyZero's JSON field names {"nums": [...], "target": N}; JSONL load/save.
+2. solve(nums, target): exhaustive search with exact rational arithmetic (true division is allowed, as in
+   the reward), so 8/(3-8/3) = 24 is found.
+3. The problem generator: numbers and target drawn uniformly from the difficulty knobs, kept only if
+   solve() finds a solution, deterministic from a seed. Train and test are kept apart by the problem
+   itself: a SHA-256 hash of (sorted numbers, target) puts every problem in one of 1,000 buckets and the
+   first TEST_BUCKETS of them belong to the held-out test set, whatever the seed or difficulty.
+   The anchors use the HF dataset Jiayi-Pan/Countdown-Tasks-3to4 (3-4 numbers, undocumented ranges);
+   we generate locally like Stream-of-Search (numbers 1-99, targets up to 100, verified solvable).
+4. Prompts: TinyZero's base-model template, the chat (instruct) messages with the assistant prefill, and a
+   compact template for the small byte-level model trained from scratch.
+5. Demonstrations for the next-token-prediction warm-up: a short form (the answer alone) and a long form
+   (a systematic search written out step by step), mixed with a knob p_long, after Tsilivis et al.,
+   "How Reinforcement Learning After Next-Token Prediction Facilitates Learning" (arXiv 2510.11495).
+"""
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
+from math import gcd
+
+# -----------------------------------------------------------------------------
+# 1. Problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    nums: tuple  # tuple[int, ...], in the order shown to the model
+    target: int
+
+    def to_dict(self):
+        return {"nums": list(self.nums), "target": self.target}
+
+    @classmethod
+    def from_dict(cls, row):
+        """Build a Problem from {"nums": [...], "target": N}; ValueError says what is wrong."""
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object with 'nums' and 'target', got {type(row).__name__}")
+        for key in ("nums", "target"):
+            if key not in row:
+                raise ValueError(f"missing key {key!r} (a problem looks like {{\"nums\": [3, 5, 7], \"target\": 22}})")
+        nums, target = row["nums"], row["target"]
+        if not isinstance(nums, list) or len(nums) < 2:
+            raise ValueError(f"'nums' must be a list of at least 2 integers, got {nums!r}")
+        if not all(_is_int(n) and n >= 0 for n in nums):
+            raise ValueError(f"'nums' must hold non-negative integers, got {nums!r}")
+        if not _is_int(target):
+            raise ValueError(f"'target' must be an integer, got {target!r}")
+        return cls(tuple(nums), target)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def save_problems(path, problems):
+    """Write problems as JSONL, one {"nums": [...], "target": N} per line."""
+    with open(path, "w") as f:
+        for problem in problems:
+            f.write(json.dumps(problem.to_dict()) + "\n")
+
+
+def load_problems(path):
+    """Read a JSONL file of problems (blank lines skipped; extra keys ignored)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no problem file at {path!r}; write one with countdown.save_problems")
+    problems = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                problems.append(Problem.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ValueError(f"{path}, line {line_number}: {e}") from None
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# 2. Exact solver
+#
+# Exact rationals, kept canonical so that equal values are equal Python objects (and hash alike): an int
+# when integral, else a reduced (numerator, denominator) tuple with denominator > 1. Same exactness as
+# fractions.Fraction, but most arithmetic stays on plain ints and nothing pays for Fraction's slow
+# constructor and __hash__ (which dominated the profile).
+#
+# Search: small sub-multisets (<= ENUMERATE_UP_TO numbers) get the full set of reachable values. A set S
+# reaches target t if some split S = A + B, A the smaller side, has a value a of A such that the value b
+# the last operation needs (b = t - a for a + b, b = a - t for a - b, ...) is reachable from B, recursively.
+# Working backwards from the target avoids building the huge value sets of 4- to 6-number sets.
+# Value sets and answers are memoised per sub-multiset (sorted tuple), so repeated numbers and the two
+# orders of a commutative split are searched once. Expression strings are built only on success.
+
+ENUMERATE_UP_TO = 3
+
+
+def _make(numerator, denominator):
+    """The canonical value of numerator/denominator: an int, or a reduced (n, d) tuple with d > 1."""
+    if denominator < 0:
+        numerator, denominator = -numerator, -denominator
+    g = gcd(numerator, denominator)
+    if g == denominator:
+        return numerator // g
+    return (numerator // g, denominator // g)
+
+
+def _parts(x):
+    return (x, 1) if type(x) is int else x
+
+
+def _add(a, b):
+    if type(a) is int and type(b) is int:
+        return a + b
+    (an, ad), (bn, bd) = _parts(a), _parts(b)
+    return _make(an * bd + bn * ad, ad * bd)
+
+
+def _sub(a, b):
+    if type(a) is int and type(b) is int:
+        return a - b
+    (an, ad), (bn, bd) = _parts(a), _parts(b)
+    return _make(an * bd - bn * ad, ad * bd)
+
+
+def _mul(a, b):
+    if type(a) is int and type(b) is int:
+        return a * b
+    (an, ad), (bn, bd) = _parts(a), _parts(b)
+    return _make(an * bn, ad * bd)
+
+
+def _div(a, b):
+    """a / b for b != 0."""
+    if type(a) is int and type(b) is int:
+        return a // b if a % b == 0 else _make(a, b)
+    (an, ad), (bn, bd) = _parts(a), _parts(b)
+    return _make(an * bd, ad * bn)
+
+
+@lru_cache(maxsize=1 << 16)
+def _splits(key):
+    """All unordered splits of a sorted tuple into two non-empty sorted tuples (A, B), len(A) <= len(B),
+    each distinct split once."""
+    n, seen, out = len(key), set(), []
+    for mask in range(1, 1 << (n - 1)):  # the last element always goes to B: each unordered split once
+        a = tuple(key[i] for i in range(n) if mask >> i & 1)
+        b = tuple(key[i] for i in range(n) if not mask >> i & 1)
+        if len(a) > len(b):
+            a, b = b, a
+        if (a, b) not in seen:
+            seen.add((a, b))
+            out.append((a, b))
+    return out
+
+
+class _Solver:
+    def __init__(self, integer_steps):
+        # integer_steps=True: every intermediate value must be a non-negative integer (Stream-of-Search's
+        # rules: a - b only when a >= b, a / b only when exact). The long demonstrations search this space.
+        self.integer_steps = integer_steps
+        self.tables = {}  # sorted tuple -> set of reachable values
+        self.answers = {}  # (sorted tuple, target) -> expression or None
+
+    def values(self, key):
+        """The set of every value reachable from the (small) multiset `key`; values only, no expressions,
+        because building strings for every value would cost more than the arithmetic."""
+        if key in self.tables:
+            return self.tables[key]
+        if len(key) == 1:
+            result = {key[0]}
+        else:
+            result = set()
+            for a_key, b_key in _splits(key):
+                b_values = self.values(b_key)
+                for a in self.values(a_key):
+                    for b in b_values:
+                        result.update(self.combine(a, b))
+        self.tables[key] = result
+        return result
+
+    def combine(self, a, b):
+        """The values of a op b and b op a for the four operations."""
+        if self.integer_steps:  # a, b are non-negative ints here
+            out = [a + b, a * b, a - b if a >= b else b - a]
+            if b and a % b == 0:
+                out.append(a // b)
+            if a and b % a == 0:
+                out.append(b // a)
+            return out
+        if type(a) is int and type(b) is int:
+            out = [a + b, a * b, a - b, b - a]
+            if b != 0:
+                out.append(a // b if a % b == 0 else _make(a, b))
+            if a != 0:
+                out.append(b // a if b % a == 0 else _make(b, a))
+            return out
+        out = [_add(a, b), _mul(a, b), _sub(a, b), _sub(b, a)]
+        if b != 0:
+            out.append(_div(a, b))
+        if a != 0:
+            out.append(_div(b, a))
+        return out
+
+    def reach(self, key, target):
+        """An expression over the multiset `key` equal to target, or None."""
+        if len(key) == 1:
+            return str(key[0]) if key[0] == target else None
+        if len(key) <= ENUMERATE_UP_TO and target not in self.values(key):
+            return None  # the cheap common case: a set lookup; expressions are built only on success
+        memo_key = (key, target)
+        if memo_key not in self.answers:
+            self.answers[memo_key] = self.search(key, target)
+        return self.answers[memo_key]
+
+    def search(self, key, t):
+        """Backward step: a value a of the smaller side A and the value b the last operation needs from B."""
+        for a_key, b_key in _splits(key):
+            for a in self.values(a_key):
+                needs = [(_sub(t, a), "a+b"), (_sub(a, t), "a-b"), (_add(t, a), "b-a")]
+                if a != 0:
+                    needs.append((_div(t, a), "a*b"))  # a * b = t
+                    needs.append((_mul(t, a), "b/a"))  # b / a = t
+                    if t != 0:
+                        needs.append((_div(a, t), "a/b"))  # a / b = t
+                for need, op in needs:
+                    if self.integer_steps and (type(need) is not int or need < 0):
+                        continue
+                    eb = self.reach(b_key, need)
+                    if eb is not None:
+                        ea = self.reach(a_key, a)
+                        return "(" + op.replace("a", ea, 1).replace("b", eb, 1) + ")"
+                # a == 0 leaves two cases where b is free: 0 * b = 0 (any b) and 0 / b = 0 (any b != 0).
+                # The sum of B's numbers is such a b: the numbers are non-negative, so the sum is 0 only if
+                # all of them are 0 (and then 0 * 0 works).
+                if a == 0 and t == 0:
+                    ea = self.reach(a_key, a)
+                    eb = "(" + "+".join(str(x) for x in b_key) + ")"
+                    return f"({ea}/{eb})" if sum(b_key) != 0 else f"({ea}*{eb})"
+        return None
+
+
+def solve(nums, target, integer_steps=False):
+    """One expression using every number in nums exactly once that equals target, or None.
+
+    Exact rational arithmetic (intermediate fractions allowed, like the reward). With integer_steps=True
+    only expressions whose every intermediate value is a non-negative integer count.
+    """
+    if not nums or not all(_is_int(n) and n >= 0 for n in nums):
+        raise ValueError(f"nums must be a non-empty sequence of non-negative ints, got {nums!r}")
+    if not _is_int(target):
+        raise ValueError(f"target must be an int, got {target!r}")
+    found = _Solver(integer_steps).reach(tuple(sorted(nums)), target)
+    if found and found.startswith("("):
+        found = found[1:-1]  # every operation is parenthesised; the outermost pair is not needed
+    return found
+
+
+# -----------------------------------------------------------------------------
+# 3. Problem generator with a held-out split by hash
+
+N_BUCKETS = 1000
+TEST_BUCKETS = 50  # buckets [0, 50) = 5% of all problems are test-only; the training stream skips them
+
+
+def problem_bucket(nums, target):
+    """Stable bucket in [0, N_BUCKETS) of a problem, independent of the order of its numbers.
+
+    SHA-256, not Python's hash(), which is salted per process."""
+    text = ",".join(str(n) for n in sorted(nums)) + "->" + str(target)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % N_BUCKETS
+
+
+def is_test_problem(problem):
+    return problem_bucket(problem.nums, problem.target) < TEST_BUCKETS
+
+
+def _check_knobs(n_nums, num_range, target_range, split):
+    n_nums = (n_nums, n_nums) if _is_int(n_nums) else tuple(n_nums)
+    if len(n_nums) != 2 or not 2 <= n_nums[0] <= n_nums[1] <= 6:
+        raise ValueError(f"n_nums must be an int or a (min, max) pair within 2..6, got {n_nums!r}")
+    if len(num_range) != 2 or not 0 <= num_range[0] <= num_range[1]:
+        raise ValueError(f"num_range must be (low, high) with 0 <= low <= high, got {num_range!r}")
+    if len(target_range) != 2 or not target_range[0] <= target_range[1]:
+        raise ValueError(f"target_range must be (low, high) with low <= high, got {target_range!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return n_nums
+
+
+def train_stream(seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), split="train",
+                 integer_steps=False, max_tries=100_000):
+    """Endless iterator of solvable problems (repeats possible), deterministic from seed.
+
+    Rejection sampling: draw the count of numbers, the numbers and the target uniformly from the knobs
+    (all ranges inclusive); keep the draw only if it lies in the split's hash buckets and solve() finds a
+    solution (with integer_steps=True: a solution with non-negative integer intermediate values, the
+    space the long demonstrations search). split="test" gives the held-out stream instead.
+    """
+    n_nums = _check_knobs(n_nums, num_range, target_range, split)
+    rng = random.Random(seed)
+    misses = 0
+    solvable = {}  # (sorted nums, target) -> bool; small difficulty spaces repeat a lot
+    while True:
+        nums = tuple(rng.randint(*num_range) for _ in range(rng.randint(*n_nums)))
+        target = rng.randint(*target_range)
+        key = (tuple(sorted(nums)), target)
+        if key not in solvable:
+            if len(solvable) > 1_000_000:
+                solvable.clear()  # bound the memory on huge spaces, where the cache rarely hits anyway
+            in_split = (problem_bucket(nums, target) < TEST_BUCKETS) == (split == "test")
+            solvable[key] = in_split and solve(nums, target, integer_steps) is not None
+        if solvable[key]:
+            misses = 0
+            yield Problem(nums, target)
+        else:
+            misses += 1
+            if misses >= max_tries:
+                raise ValueError(f"{max_tries} draws in a row gave no solvable {split} problem with "
+                                 f"n_nums={n_nums}, num_range={num_range}, target_range={target_range}; "
+                                 f"widen the ranges")
+
+
+def generate_problems(n, seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), split="train",
+                      integer_steps=False):
+    """The first n problems of train_stream(seed, ...) (see there)."""
+    stream = train_stream(seed, n_nums, num_range, target_range, split, integer_steps)
+    return [next(stream) for _ in range(n)]
+
+
+def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), integer_steps=False):
+    """The fixed held-out set: n distinct problems (distinct as multisets + target) from the test buckets,
+    which the training stream never produces."""
+    stream = train_stream(seed, n_nums, num_range, target_range, "test", integer_steps)
+    seen, problems, repeats = set(), [], 0
+    while repeats < max(1000, 2 * n):  # this many repeats in a row: the held-out space is used up
+        problem = next(stream)
+        key = (tuple(sorted(problem.nums)), problem.target)
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        problems.append(problem)
+        repeats = 0
+        if len(problems) == n:
+            return problems
+    raise ValueError(f"could not find {n} distinct test problems at this difficulty; the held-out space is "
+                     f"too small (it is {TEST_BUCKETS}/{N_BUCKETS} of all problems): widen the ranges or ask "
+                     f"for fewer")
+
+
+# -----------------------------------------------------------------------------
+# 4. Prompts
+
+USER_TEMPLATE = (  # TinyZero's user text (examples/data_preprocess/countdown.py), numbers as a Python list
+    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+    "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
+    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
+)
+ASSISTANT_PREFILL = "Let me solve this step by step.\n<think>"
+BASE_TEMPLATE = (  # TinyZero's "base" template for pretrained (non-chat) models
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer.\nUser: " + USER_TEMPLATE + "\nAssistant: " + ASSISTANT_PREFILL
+)
+SYSTEM_MESSAGE = (  # GRPO-Zero's system message (TinyZero's says "thinks ... provides", a typo)
+    "You are a helpful assistant. You first think about the reasoning process in your mind and then provide "
+    "the user with the answer."
+)
+
+
+def base_prompt(problem):
+    """TinyZero's base-model prompt, ending in the prefill "Assistant: Let me solve this step by step.\\n<think>"."""
+    return BASE_TEMPLATE.format(numbers=list(problem.nums), target=problem.target)
+
+
+def chat_messages(problem):
+    """System + user turns for instruct models. Render with tokenizer.chat_template(messages) and append
+    ASSISTANT_PREFILL (GRPO-Zero / nano-aha-moment pre-fill the assistant turn the same way)."""
+    return [
+        {"role": "system", "content": SYSTEM_MESSAGE},
+        {"role": "user", "content": USER_TEMPLATE.format(numbers=list(problem.nums), target=problem.target)},
+    ]
+
+
+def compact_prompt(problem):
+    """Short prompt for the byte-level model trained from scratch (every character is a token): "3 5 7 -> 22\\n"."""
+    return " ".join(str(n) for n in problem.nums) + f" -> {problem.target}\n"
+
+
+# -----------------------------------------------------------------------------
+# 5. Demonstrations for the next-token-prediction warm-up
+
+
+def short_demonstration(problem):
+    """The answer alone: "<answer>(3*5)+7</answer>". A small model cannot compute this in one go."""
+    found = long_form_search(problem.nums, problem.target)
+    expression = found[1] if found else solve(problem.nums, problem.target)
+    if expression is None:
+        raise ValueError(f"{problem} has no solution")
+    return f"<answer>{expression}</answer>"
+
+
+# ============================== THE LONG FORM ==============================
+# This block (down to the closing ===== line) decides what a long demonstration looks like; revise it here
+# and only here. long_demonstration() is its entry point.
+#
+# Example, [3, 5, 7] -> 22 (88 characters):
+#     <think>
+#     7:5+3=8 5*3=15 5-3=2 22-7=15 ok
+#     (5*3)+7=15+7=22
+#     </think><answer>(5*3)+7</answer>
+#
+# Why it looks like this. The model that must learn to EXECUTE it is a ~1-3M parameter byte-level
+# transformer trained for minutes, so the trace is built for locality and nothing to guess:
+# - Meet in the middle for three numbers: one line per choice of the number c used LAST (largest c first).
+#   The line first writes every value the other two numbers make (a+b, a*b, a-b, a/b when exact; larger
+#   number first, so no negatives), then the values the pair would NEED for the last step to hit the
+#   target (t-c, t+c, c-t, t/c, t*c, c/t, only the non-negative integer ones), stopping at the first need
+#   that is already among the pair's values ("ok"), or writing "no" after the last one. This checks all
+#   ~100 expressions over three numbers with at most ~25 small facts, instead of listing every expression.
+# - Every fact is one operation on two numbers printed right before it, and every "ok"/"no" is a
+#   comparison with numbers on the same line: computable locally, no memory of earlier lines needed.
+# - The order is a fixed rule (last number from the largest down; fixed op order), so the only thing to
+#   learn is to follow it and compute; a short answer, by contrast, must do the whole search implicitly.
+# - More than three numbers: the same rule one level up, forward. "a op b=r:r c d" replaces two numbers
+#   (pairs in order, ops + * - /) by their result, then the three-number block runs on the new set.
+# - The search space is "every intermediate value a non-negative integer" (Stream-of-Search's rules). It
+#   is complete for that space: if solve(..., integer_steps=True) finds a solution, so does this search.
+#   Generate warm-up problems with integer_steps=True so every problem has a long demonstration.
+# - It ends by verifying the answer: the chosen expression is re-evaluated from the facts above, then the
+#   answer tag repeats it (the short form's answer is the same expression).
+# - A wrong fact off the solution path is mostly harmless (its line still ends "no"); only the facts on the
+#   path and the verification decide the reward. The hardest facts are products (a*b, t*c).
+# - Lengths (characters, integer-step problems): 3 numbers 1-20, targets 1-100: mean 134, p90 215, max 261;
+#   default difficulty (3-4 numbers 1-99): mean 256, p90 461, max 709. demonstration_lengths() measures.
+# ===========================================================================
+
+_OPS = ("+", "*", "-", "/")
+
+
+def _pair_facts(a, b):
+    """Values of a op b for a >= b in the fixed op order: [(expression, value)], non-negative ints only."""
+    facts = [(f"{a}+{b}", a + b), (f"{a}*{b}", a * b), (f"{a}-{b}", a - b)]
+    if b > 1 and a % b == 0:
+        facts.append((f"{a}/{b}", a // b))
+    return facts
+
+
+def _need_facts(t, c):
+    """Values r with (r op c) or (c op r) == t, in a fixed order: [(fact, r, answer template)]."""
+    needs = []
+    if t >= c:
+        needs.append((f"{t}-{c}", t - c, "({})+" + str(c)))  # r + c = t
+    needs.append((f"{t}+{c}", t + c, "({})-" + str(c)))  # r - c = t
+    if c > t:
+        needs.append((f"{c}-{t}", c - t, str(c) + "-({})"))  # c - r = t
+    if c > 0 and t % c == 0:
+        needs.append((f"{t}/{c}", t // c, "({})*" + str(c)))  # r * c = t
+    if c > 1:
+        needs.append((f"{t}*{c}", t * c, "({})/" + str(c)))  # r / c = t
+    if t > 0 and c > t and c % t == 0:
+        needs.append((f"{c}/{t}", c // t, str(c) + "/({})"))  # c / r = t
+    return needs
+
+
+def _three(nums, t):
+    """Lines of the three-number (or two-number) block and the (expression, check) found, or None."""
+    lines = []
+    if len(nums) == 2:
+        a, b = sorted(nums, reverse=True)
+        line = []
+        for expression, value in _pair_facts(a, b):
+            line.append(f"{expression}={value}")
+            if value == t:
+                lines.append(" ".join(line) + " ok")
+                return lines, (expression, f"{expression}={t}")
+        lines.append(" ".join(line) + " no")
+        return lines, None
+    order = sorted(range(3), key=lambda i: -nums[i])  # last number: largest first (ties: earlier first)
+    done = set()
+    for i in order:
+        c = nums[i]
+        if c in done:
+            continue  # the same number again gives the same line
+        done.add(c)
+        a, b = sorted((nums[j] for j in range(3) if j != i), reverse=True)
+        pair = _pair_facts(a, b)
+        values = {value: expression for expression, value in reversed(pair)}  # first fact wins
+        line = [f"{c}:"] + [f"{expression}={value}" for expression, value in pair]
+        for fact, need, template in _need_facts(t, c):
+            line.append(f"{fact}={need}")
+            if need in values:
+                lines.append(line[0] + " ".join(line[1:]) + " ok")
+                inner = values[need]
+                expression = template.format(inner)
+                # Verification: substitute the pair's value, then the last operation.
+                check = f"{expression}={template.format(need).replace('(', '').replace(')', '')}={t}"
+                return lines, (expression, check)
+        lines.append(line[0] + " ".join(line[1:]) + " no")
+    return lines, None
+
+
+def long_form_search(nums, target):
+    """The long form's systematic search: (lines, answer expression, verification line) or None."""
+    nums = list(nums)
+    if len(nums) <= 3:
+        lines, found = _three(nums, target)
+        return (lines, found[0], found[1]) if found else None
+    lines = []
+    for i, j in combinations(range(len(nums)), 2):
+        a, b = sorted((nums[i], nums[j]), reverse=True)
+        rest = [nums[k] for k in range(len(nums)) if k not in (i, j)]
+        for expression, value in _pair_facts(a, b):
+            reduced = [value] + rest
+            lines.append(f"{expression}={value}:" + " ".join(str(x) for x in reduced))
+            found = long_form_search(reduced, target)
+            if found:
+                sub_lines, sub_answer, sub_check = found
+                # Put the pair's expression back in place of its value (its first occurrence, at the front
+                # of the reduced list, which is the one the sub-search used when it names the value first).
+                answer = _substitute(sub_answer, value, f"({expression})")
+                return lines + sub_lines, answer, f"{answer}={sub_check}"  # e.g. ((9+5)*7)-3=(14*7)-3=98-3=95
+            lines.append("no")
+    return None
+
+
+def _substitute(expression, value, replacement):
+    """Replace the first standalone literal `value` in expression by replacement."""
+    text, literal, i = expression, str(value), 0
+    while True:
+        i = text.find(literal, i)
+        if i < 0:
+            raise AssertionError(f"{literal} not in {expression}")
+        before = text[i - 1] if i > 0 else ""
+        after = text[i + len(literal)] if i + len(literal) < len(text) else ""
+        if not before.isdigit() and not after.isdigit():
+            return text[:i] + replacement + text[i + len(literal):]
+        i += 1
+
+
+def long_demonstration(problem):
+    """The chain-of-thought demonstration (see THE LONG FORM above); ValueError if its search (non-negative
+    integer steps) finds nothing; generate such problems with integer_steps=True."""
+    found = long_form_search(problem.nums, problem.target)
+    if found is None:
+        raise ValueError(f"{problem} has no solution with non-negative integer steps, so no long "
+                         f"demonstration; generate warm-up problems with integer_steps=True")
+    lines, answer, check = found
+    return "<think>\n" + "\n".join(lines) + "\n" + check + "\n</think><answer>" + answer + "</answer>"
+
+
+# ===========================================================================
+
+
+def demonstration(problem, long):
+    """The long (chain of thought) or short (answer only) demonstration for a problem."""
+    return long_demonstration(problem) if long else short_demonstration(problem)
+
+
+def sample_demonstration(problem, p_long, rng):
+    """A long demonstration with probability p_long, else a short one (the paper's mixture D(p_cot)).
+    rng: a random.Random (or anything with .random())."""
+    if not 0.0 <= p_long <= 1.0:
+        raise ValueError(f"p_long must be a probability in [0, 1], got {p_long}")
+    return demonstration(problem, long=rng.random() < p_long)
+
+
+def demonstration_lengths(problems):
+    """{"short": [...], "long": [...]} lengths in characters (= byte tokens for the small model)."""
+    return {"short": [len(short_demonstration(p)) for p in problems],
+            "long": [len(long_demonstration(p)) for p in problems]}
+
+
+if __name__ == "__main__":
+    import time
+
+    problem = Problem((3, 5, 7), 22)
+    print(base_prompt(problem), "\n")
+    print(chat_messages(problem), "\n")
+    print(compact_prompt(problem) + long_demonstration(problem), "\n")
+    print(compact_prompt(problem) + short_demonstration(problem), "\n")
+    for n_nums, num_range in [(3, (1, 20)), ((3, 4), (1, 99)), (4, (1, 99))]:
+        t0 = time.perf_counter()
+        problems = generate_problems(500, seed=0, n_nums=n_nums, num_range=num_range, integer_steps=True)
+        dt = time.perf_counter() - t0
+        lengths = demonstration_lengths(problems)["long"]
+        print(f"n_nums={n_nums} num_range={num_range}: {len(problems) / dt:.0f} problems/s, long form "
+              f"mean {sum(lengths) / len(lengths):.0f} max {max(lengths)} chars")

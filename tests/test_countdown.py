@@ -1,0 +1,339 @@
+"""Tests for countdown.py: generator, held-out split, JSONL, solver, prompts, demonstrations.
+
+The solver and the generator are checked against an independent brute force written here: repeatedly
+pick two numbers, replace them by the result of one operation, with fractions.Fraction (a different
+algorithm and a different number type from countdown.py's split search over int/tuple rationals).
+"""
+import ast
+import hashlib
+import json
+import random
+import re
+import time
+from fractions import Fraction
+from functools import lru_cache
+
+import pytest
+
+import countdown
+from countdown import Problem
+from rewards import countdown_reward
+
+# -----------------------------------------------------------------------------
+# Independent brute force
+
+
+@lru_cache(maxsize=None)
+def _all_values(values, integer_steps=False):
+    """Every value of an expression using all of `values` (a sorted tuple of Fractions) exactly once."""
+    if len(values) == 1:
+        return frozenset(values)
+    out = set()
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            a, b = values[i], values[j]
+            rest = values[:i] + values[i + 1:j] + values[j + 1:]
+            results = [a + b, a * b, a - b, b - a]
+            if b != 0:
+                results.append(a / b)
+            if a != 0:
+                results.append(b / a)
+            if integer_steps:  # every intermediate value a non-negative integer
+                results = [r for r in results if r >= 0 and r.denominator == 1]
+            for r in set(results):
+                out |= _all_values(tuple(sorted(rest + (r,))), integer_steps)
+    return frozenset(out)
+
+
+def brute_solvable(nums, target, integer_steps=False):
+    return Fraction(target) in _all_values(tuple(sorted(Fraction(n) for n in nums)), integer_steps)
+
+
+def _eval_arithmetic(text):
+    """Evaluate + - * / and parentheses on integers with Fractions, via the ast module (no eval)."""
+    def walk(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp):
+            left, right = walk(node.left), walk(node.right)
+            ops = {ast.Add: lambda: left + right, ast.Sub: lambda: left - right,
+                   ast.Mult: lambda: left * right, ast.Div: lambda: left / right}
+            return ops[type(node.op)]()
+        raise AssertionError(f"unexpected syntax in {text!r}")
+    return walk(ast.parse(text, mode="eval").body)
+
+
+def test_brute_force_itself():
+    # Hand-worked: 8/(3-8/3) = 24 needs a fractional intermediate; [1, 1, 1] cannot make 7.
+    assert brute_solvable([8, 3, 8, 3], 24)
+    assert not brute_solvable([8, 3, 8, 3], 24, integer_steps=True)
+    assert not brute_solvable([1, 1, 1], 7)
+    assert brute_solvable([3, 5, 7], 22) and brute_solvable([2, 2], 1)
+    assert _all_values((Fraction(2), Fraction(3))) == {5, 6, -1, 1, Fraction(2, 3), Fraction(3, 2)}
+
+
+# -----------------------------------------------------------------------------
+# Solver
+
+
+def test_solver_agrees_with_brute_force_on_random_problems():
+    rng = random.Random(0)
+    checked = solvable = 0
+    for trial in range(250):
+        n = 3 if trial % 2 else 4
+        nums = [rng.randint(0 if trial % 10 == 0 else 1, 13) for _ in range(n)]  # some zeros and repeats
+        values = _all_values(tuple(sorted(Fraction(x) for x in nums)))
+        integer_values = sorted(v for v in values if v.denominator == 1)
+        # targets that are reachable, unreachable, and random
+        targets = rng.sample(integer_values, min(2, len(integer_values))) + [rng.randint(0, 150) for _ in range(3)]
+        for target in targets:
+            target = int(target)
+            expression = countdown.solve(nums, target)
+            assert (expression is not None) == (Fraction(target) in values), (nums, target, expression)
+            if expression is not None:
+                solvable += 1
+                assert countdown_reward(f"<answer>{expression}</answer>", nums, target) == 1.0
+                assert _eval_arithmetic(expression) == target
+            checked += 1
+    assert solvable > 300 and checked - solvable > 300  # both outcomes well covered
+
+
+def test_solver_integer_steps_agrees_with_brute_force():
+    rng = random.Random(1)
+    for _ in range(150):
+        nums = [rng.randint(1, 12) for _ in range(rng.choice((3, 4)))]
+        for target in [rng.randint(1, 60) for _ in range(3)]:
+            expression = countdown.solve(nums, target, integer_steps=True)
+            assert (expression is not None) == brute_solvable(nums, target, integer_steps=True), (nums, target)
+            if expression is not None:
+                assert countdown_reward(f"<answer>{expression}</answer>", nums, target) == 1.0
+
+
+def test_solver_hand_cases():
+    assert countdown.solve([8, 3, 8, 3], 24) is not None  # only 8/(3-8/3)
+    assert countdown.solve([8, 3, 8, 3], 24, integer_steps=True) is None
+    assert countdown.solve([1, 1, 1], 7) is None
+    assert countdown.solve([5], 5) == "5" and countdown.solve([5], 6) is None
+    assert countdown.solve([0, 0, 0], 0) is not None  # 0*0*... : the "any b" branch with all zeros
+    assert countdown.solve([0, 4, 9], 0) is not None
+    with pytest.raises(ValueError, match="non-negative"):
+        countdown.solve([3, -5], 2)
+    with pytest.raises(ValueError, match="target"):
+        countdown.solve([3, 5], 2.5)
+
+
+def test_solver_six_numbers_is_fast_and_right():
+    # Unsolvable 6-number problems make the search exhaustive; it must still answer in about a second.
+    start = time.perf_counter()
+    assert countdown.solve([97, 89, 83, 79, 73, 71], 100003) is None
+    elapsed = time.perf_counter() - start
+    assert elapsed < 3.0, elapsed  # ~0.1 s unloaded; generous for a shared 2-core machine
+    expression = countdown.solve([25, 50, 75, 100, 3, 6], 952)
+    assert countdown_reward(f"<answer>{expression}</answer>", [25, 50, 75, 100, 3, 6], 952) == 1.0
+
+
+# -----------------------------------------------------------------------------
+# Generator and held-out split
+
+
+def test_generated_problems_are_solvable_and_in_range():
+    problems = countdown.generate_problems(1500, seed=3, n_nums=3, num_range=(1, 20), target_range=(1, 100))
+    problems += countdown.generate_problems(60, seed=4)  # default difficulty: 3-4 numbers, 1-99
+    for p in problems:
+        assert brute_solvable(p.nums, p.target), p
+    assert all(1 <= x <= 20 for p in problems[:1500] for x in p.nums)
+    assert {len(p.nums) for p in problems[1500:]} == {3, 4}
+    assert all(1 <= x <= 99 for p in problems[1500:] for x in p.nums)
+    assert all(1 <= p.target <= 100 for p in problems)
+    assert len({(p.nums, p.target) for p in problems}) > 1200  # not stuck on a few problems
+
+
+def test_generator_is_deterministic_by_seed():
+    a = countdown.generate_problems(50, seed=7)
+    assert a == countdown.generate_problems(50, seed=7)
+    assert a != countdown.generate_problems(50, seed=8)
+    assert countdown.test_set(30, seed=1) == countdown.test_set(30, seed=1)
+
+
+def test_hash_split_is_stable_and_order_independent():
+    # Recompute the bucket independently of countdown.py's code path.
+    expected = int.from_bytes(hashlib.sha256(b"3,5,7->22").digest()[:8], "big") % countdown.N_BUCKETS
+    assert countdown.problem_bucket((7, 3, 5), 22) == expected
+    assert countdown.problem_bucket((3, 5, 7), 22) == countdown.problem_bucket((5, 7, 3), 22)
+    buckets = [countdown.problem_bucket((a, b), t) for a in range(1, 30) for b in range(1, 30) for t in range(30)]
+    share = sum(b < countdown.TEST_BUCKETS for b in buckets) / len(buckets)
+    assert abs(share - countdown.TEST_BUCKETS / countdown.N_BUCKETS) < 0.01
+
+
+def test_test_set_is_disjoint_from_training_stream():
+    # A small space (3,523 solvable problems, 162 of them held out) that 20,000 training draws cover many
+    # times over, so a leak would show.
+    knobs = dict(n_nums=3, num_range=(1, 12), target_range=(1, 40))
+    held_out = countdown.test_set(100, seed=0, **knobs)
+    assert len(held_out) == 100
+    assert len({(tuple(sorted(p.nums)), p.target) for p in held_out}) == 100  # distinct problems
+    assert all(countdown.is_test_problem(p) for p in held_out)
+    train = countdown.generate_problems(20_000, seed=0, **knobs)
+    assert not any(countdown.is_test_problem(p) for p in train)
+    held_out_keys = {(tuple(sorted(p.nums)), p.target) for p in held_out}
+    assert not any((tuple(sorted(p.nums)), p.target) in held_out_keys for p in train)
+    # The default test set is drawn from the same held-out buckets.
+    default = countdown.test_set(50)
+    assert all(countdown.is_test_problem(p) for p in default)
+
+
+def test_impossible_knobs_give_clear_errors():
+    with pytest.raises(ValueError, match="n_nums"):
+        countdown.generate_problems(1, seed=0, n_nums=7)
+    with pytest.raises(ValueError, match="num_range"):
+        countdown.generate_problems(1, seed=0, num_range=(5, 1))
+    with pytest.raises(ValueError, match="split"):
+        countdown.generate_problems(1, seed=0, split="val")
+    with pytest.raises(ValueError, match="gave no solvable train problem.*widen the ranges"):
+        next(countdown.train_stream(0, n_nums=2, num_range=(1, 3), target_range=(50, 60), max_tries=1000))
+    with pytest.raises(ValueError, match="distinct test problems"):
+        countdown.test_set(200, n_nums=3, num_range=(1, 10), target_range=(1, 30))  # only 87 exist
+
+
+# -----------------------------------------------------------------------------
+# JSONL
+
+
+def test_jsonl_round_trip(tmp_path):
+    problems = countdown.generate_problems(20, seed=0)
+    path = tmp_path / "problems.jsonl"
+    countdown.save_problems(path, problems)
+    first = json.loads(path.read_text().splitlines()[0])
+    assert set(first) == {"nums", "target"}  # TinyZero's field names
+    assert countdown.load_problems(path) == problems
+    assert Problem.from_dict({"nums": [3, 5, 7], "target": 22}) == Problem((3, 5, 7), 22)
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ('{"nums": [3, 5, 7]}', "missing key 'target'"),
+    ('{"nums": "357", "target": 22}', "'nums' must be a list"),
+    ('{"nums": [3, 5.5], "target": 22}', "non-negative integers"),
+    ('{"nums": [3, 5], "target": "22"}', "'target' must be an integer"),
+    ('[3, 5, 7]', "JSON object"),
+    ('{"nums": [3, 5, 7], "target": 22', "Expecting"),  # broken JSON
+])
+def test_malformed_row_names_file_and_line(tmp_path, bad_row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"nums": [1, 2], "target": 3}\n\n' + bad_row + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3") + ".*" + re.escape(message)):
+        countdown.load_problems(path)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="save_problems"):
+        countdown.load_problems("/nonexistent/problems.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def test_prompts():
+    problem = Problem((19, 36, 55, 7), 65)
+    base = countdown.base_prompt(problem)
+    assert base.startswith("A conversation between User and Assistant.")
+    assert "Using the numbers [19, 36, 55, 7], create an equation that equals 65." in base
+    assert base.endswith("</answer>.\nAssistant: Let me solve this step by step.\n<think>")
+    messages = countdown.chat_messages(problem)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] in base
+    assert countdown.ASSISTANT_PREFILL == "Let me solve this step by step.\n<think>"
+    assert countdown.compact_prompt(problem) == "19 36 55 7 -> 65\n"
+
+
+# -----------------------------------------------------------------------------
+# Demonstrations
+
+FACT = re.compile(r"(?<![\d)])(\d+)([-+*/])(\d+)=(\d+)")
+
+
+def _check_long_form(problem):
+    text = countdown.long_demonstration(problem)
+    assert text.startswith("<think>\n") and text.count("</think><answer>") == 1 and text.endswith("</answer>")
+    assert countdown_reward(text, problem.nums, problem.target) == 1.0
+    think = text[len("<think>\n"):text.index("</think>")]
+    lines = think.strip().split("\n")
+    # Every "x op y=z" fact in the trace is true arithmetic on non-negative integers.
+    facts = FACT.findall(think)
+    assert facts
+    for x, op, y, z in facts:
+        assert _eval_arithmetic(f"{x}{op}{y}") == int(z), (x, op, y, z, text)
+    # The last think line verifies the answer: every "="-separated part evaluates to the target.
+    parts = lines[-1].split("=")
+    assert int(parts[-1]) == problem.target
+    for part in parts[:-1]:
+        assert _eval_arithmetic(part) == problem.target, (part, text)
+    answer = text[text.index("<answer>") + len("<answer>"):-len("</answer>")]
+    assert parts[0] == answer
+    return text
+
+
+def test_long_and_short_demonstrations_are_correct():
+    problems = countdown.generate_problems(400, seed=11, n_nums=3, num_range=(1, 20), integer_steps=True)
+    problems += countdown.generate_problems(100, seed=12, integer_steps=True)  # 3-4 numbers 1-99
+    problems += countdown.generate_problems(20, seed=13, n_nums=5, num_range=(1, 20), integer_steps=True)
+    problems += [Problem((3, 5, 7), 22), Problem((2, 2), 4), Problem((1, 1, 1), 1)]
+    for problem in problems:
+        long_text = _check_long_form(problem)
+        short_text = countdown.short_demonstration(problem)
+        assert countdown_reward(short_text, problem.nums, problem.target) == 1.0
+        assert long_text.endswith(short_text)  # same answer in both forms
+
+
+def test_long_form_verdicts_are_true():
+    # In a three-number line "c:<pair facts> <need facts> ok|no", the verdict is "ok" exactly when the
+    # last need equals one of the pair's values; on a "no" line no need equals any pair value.
+    problems = countdown.generate_problems(300, seed=21, n_nums=3, num_range=(1, 20), integer_steps=True)
+    for problem in problems:
+        think = countdown.long_demonstration(problem).split("</think>")[0]
+        for line in think.split("\n"):
+            match = re.match(r"^(\d+):(.*) (ok|no)$", line)
+            if not match:
+                continue
+            c = int(match.group(1))
+            facts = FACT.findall(match.group(2))
+            # Pair facts come first: a+b, a*b, a-b and, when exact with b > 1, a/b (a >= b are the two
+            # numbers other than c); the need facts follow.
+            rest = list(problem.nums)
+            rest.remove(c)
+            a, b = max(rest), min(rest)
+            n_pair = 4 if b > 1 and a % b == 0 else 3
+            assert [(int(x), int(y)) for x, _, y, _ in facts[:n_pair]] == [(a, b)] * n_pair, line
+            pair_values = {int(z) for _, _, _, z in facts[:n_pair]}
+            need_values = [int(z) for _, _, _, z in facts[n_pair:]]
+            if match.group(3) == "ok":
+                assert need_values[-1] in pair_values and not set(need_values[:-1]) & pair_values, line
+            else:
+                assert not set(need_values) & pair_values, line
+
+
+def test_long_form_is_complete_for_integer_step_problems():
+    # Every 3-number problem with numbers 1-12 and a target 1-40 that has an integer-step solution (per
+    # the brute force) gets a long demonstration; the others raise a clear ValueError.
+    rng = random.Random(5)
+    for _ in range(300):
+        problem = Problem(tuple(rng.randint(1, 12) for _ in range(3)), rng.randint(1, 40))
+        if brute_solvable(problem.nums, problem.target, integer_steps=True):
+            assert countdown.long_form_search(problem.nums, problem.target) is not None, problem
+        else:
+            with pytest.raises(ValueError, match="integer_steps=True"):
+                countdown.long_demonstration(problem)
+
+
+def test_long_form_length_budget_and_mixture():
+    problems = countdown.generate_problems(500, seed=31, n_nums=3, num_range=(1, 20), integer_steps=True)
+    lengths = countdown.demonstration_lengths(problems)
+    assert sum(lengths["long"]) / len(problems) < 200 and max(lengths["long"]) <= 300
+    assert max(lengths["short"]) < 40
+    rng = random.Random(0)
+    texts = [countdown.sample_demonstration(problems[0], 0.25, rng) for _ in range(2000)]
+    share_long = sum(t.startswith("<think>") for t in texts) / len(texts)
+    assert abs(share_long - 0.25) < 0.04
+    assert countdown.demonstration(problems[0], long=False) == countdown.short_demonstration(problems[0])
+    with pytest.raises(ValueError, match="p_long"):
+        countdown.sample_demonstration(problems[0], 1.5, rng)
