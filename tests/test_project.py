@@ -7,7 +7,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME = {"torch", "numpy", "tiktoken", "tqdm"}
-OPTIONAL = {"matplotlib"}  # only imported inside an optional --plot branch, guarded by try/except ImportError
+OPTIONAL = {"matplotlib", "transformers"}  # eval.py --plot, bench.py's comparison: only inside try/except
 
 
 def project_files():
@@ -29,6 +29,7 @@ def test_project_code_imports_only_stdlib_runtime_deps_and_itself():
     assert project_files(), "no project files found"
     for fname in project_files():
         tree = ast.parse(open(os.path.join(ROOT, fname)).read(), fname)
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for b in t.body for n in ast.walk(b)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
@@ -39,3 +40,5 @@ def test_project_code_imports_only_stdlib_runtime_deps_and_itself():
             for m in mods:
                 top = m.split(".")[0]
                 assert top in allowed, f"{fname} imports {m}, which is not a runtime dependency"
+                if top in OPTIONAL:
+                    assert id(node) in guarded, f"{fname} imports optional {m} outside a try block"

@@ -1,0 +1,218 @@
+"""Tests for model.py's transformer and sampler: each checks the fast path against a slower, obviously-correct one
+(a full forward without cache, a naive argmax loop, a row run alone, hand-worked probabilities)."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import PRESETS, KVCache, ModelConfig, Transformer, generate, sample_next_token
+
+TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, rope_theta=10000.0,
+                   max_seq_len=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a CPU shared with other jobs two OpenMP threads spin-wait on
+    each other (every matmul 10-50x slower); so this module runs single-threaded, then restores the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(dtype=torch.float32, seed=0, std=0.3, **overrides):
+    """A tiny random model with large weights, so logits are peaked and greedy choices are far from ties."""
+    torch.manual_seed(seed)
+    model = Transformer(dataclasses.replace(TINY, **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, std)
+    return model.to(dtype).eval()
+
+
+def tol(dtype):
+    return dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_qwen25_3b_preset_has_3_085_938_688_parameters():
+    with torch.device("meta"):
+        model = Transformer(PRESETS["qwen2.5-3b"])
+    assert sum(p.numel() for p in model.parameters()) == 3_085_938_688  # tied: the embedding counts once
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_round_trips_through_hf_dict(name):
+    assert ModelConfig.from_hf(PRESETS[name].to_hf()) == PRESETS[name]
+
+
+@pytest.mark.parametrize("key,value", [("model_type", "llama"), ("use_sliding_window", True),
+                                       ("rope_scaling", {"type": "yarn", "factor": 4.0}), ("hidden_act", "gelu"),
+                                       ("rope_parameters", {"rope_type": "linear", "factor": 2.0})])
+def test_from_hf_refuses_unsupported_configs_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        ModelConfig.from_hf({**TINY.to_hf(), key: value})
+
+
+# ---------------------------------------------------------------------------- forward, cache, padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_decoding_equals_full_forward(dtype):
+    model = tiny_model(dtype)
+    tokens = torch.randint(0, 97, (3, 12))
+    full = model(tokens)                                             # (B, T, V) no cache
+    cache = KVCache(model.config, 3, 16, "cpu", dtype)
+    pieces = [model(tokens[:, :5], cache), model(tokens[:, 5:8], cache)]   # prefill, then a chunk of 3
+    pieces += [model(tokens[:, t:t + 1], cache) for t in range(8, 12)]    # then one token at a time
+    assert cache.length == 12 and cache.next_pos.tolist() == [12, 12, 12]
+    torch.testing.assert_close(torch.cat(pieces, 1).float(), full.float(), **tol(dtype))
+
+
+def test_causality_later_tokens_do_not_change_earlier_logits():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 10))
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 97
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6], atol=1e-6, rtol=0)
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-3  # and the change does reach the later positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_left_and_right_padding_leave_real_tokens_unchanged(dtype):
+    """GRPO trains on rows of [left padding, prompt, completion, right padding]; real tokens must not notice."""
+    model = tiny_model(dtype)
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 12))
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    batch[0, 3:10], mask[0, 3:10] = a, 1   # 3 pads left, 2 pads right
+    batch[1], mask[1] = b, 1
+    logits = model(batch, attention_mask=mask)
+    assert torch.isfinite(logits).all()  # padded query rows too
+    torch.testing.assert_close(logits[0, 3:10].float(), model(a)[0].float(), **tol(dtype))
+    torch.testing.assert_close(logits[1].float(), model(b)[0].float(), **tol(dtype))
+    hidden = model.hidden_states(batch, attention_mask=mask)
+    torch.testing.assert_close(model.lm_head(hidden), logits, atol=0, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model().train()
+    tokens = torch.randint(0, 97, (2, 9))
+    model(tokens).logsumexp(-1).mean().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(tokens).logsumexp(-1).mean().backward()
+    for g, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def naive_greedy(model, prompt, n):
+    """The obvious reference: re-run the full forward on the whole sequence for every new token."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(model(torch.tensor([seq]))[0, -1].argmax().item())
+    return seq[len(prompt):]
+
+
+PROMPTS = [[5, 17, 33], [9, 2, 71, 44, 13, 8, 60], [1]]
+
+
+def test_greedy_generate_equals_naive_loop_with_padding_and_company():
+    model = tiny_model()
+    out = generate(model, PROMPTS, max_new_tokens=12, temperature=0)  # rows of different lengths: left-padded
+    assert out == [naive_greedy(model, p, 12) for p in PROMPTS]
+    assert generate(model, PROMPTS[1:2], 12, temperature=0) == out[1:2]  # alone == in company
+
+
+def test_greedy_generate_bfloat16_picks_the_full_forward_argmax():
+    model = tiny_model(torch.bfloat16)
+    for prompt, new in zip(PROMPTS, generate(model, PROMPTS, 10, temperature=0)):
+        logits = model(torch.tensor([prompt + new]))[0, len(prompt) - 1:-1].float()  # (10, V)
+        chosen = logits.gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+        assert (chosen >= logits.max(-1).values - 0.1).all()  # argmax up to bf16 rounding of near-ties
+
+
+def test_stop_ids_end_each_row_and_dropping_finished_rows_changes_nothing():
+    model = tiny_model()
+    prompts = [[3, 1, 4], [1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]
+    free = generate(model, prompts, 30, temperature=0)
+    stop = {free[0][1], free[2][9]}  # rows stop at different steps, so the batch shrinks mid-generation
+    cut = [next((row[:j + 1] for j, t in enumerate(row) if t in stop), row) for row in free]
+    assert generate(model, prompts, 30, temperature=0, stop_ids=stop) == cut
+    assert len(cut[0]) == 2 and cut[0][-1] in stop
+
+
+def test_num_samples_rows_are_grouped_copies_of_their_prompt():
+    model = tiny_model()
+    out = generate(model, PROMPTS[:2], 8, temperature=0, num_samples=3)
+    single = generate(model, PROMPTS[:2], 8, temperature=0)
+    assert out == [single[0]] * 3 + [single[1]] * 3
+
+
+def test_multi_sample_first_tokens_differ():
+    """Regression (nanochat): the first token after prefill was once sampled once and broadcast to every row.
+    With a near-uniform model over 97 ids, 16 identical first tokens has probability ~97**-15."""
+    model = tiny_model(std=0.02)
+    out = generate(model, [[1, 2, 3]], 4, temperature=1.0, num_samples=16, seed=0)
+    assert len({row[0] for row in out}) > 1
+    assert out == generate(model, [[1, 2, 3]], 4, temperature=1.0, num_samples=16, seed=0)  # seeded: repeatable
+
+
+def test_vocab_limit_ids_are_never_sampled():
+    model = tiny_model(std=0.02)
+    out = generate(model, [[1, 2]], 20, temperature=2.0, num_samples=8, seed=1, vocab_limit=10)
+    assert max(max(row) for row in out) < 10 and sum(map(len, out)) == 160
+    logits = model(torch.tensor([[1, 2]]))[0, -1]
+    assert generate(model, [[1, 2]], 1, temperature=0, vocab_limit=10)[0][0] == logits[:10].argmax().item()
+
+
+@pytest.mark.parametrize("temperature,top_p,vocab_limit", [(0.7, 1.0, None), (0.0, 1.0, None), (1.3, 0.9, 50)])
+def test_logprobs_are_log_softmax_at_the_sampled_tokens(temperature, top_p, vocab_limit):
+    """Over the ids < vocab_limit (as grpo.py recomputes them), and unaffected by top_p."""
+    model = tiny_model()
+    tokens, logprobs = generate(model, PROMPTS[:2], 6, temperature=temperature, top_p=top_p, seed=3,
+                                vocab_limit=vocab_limit, return_logprobs=True)
+    for prompt, new, lps in zip(PROMPTS, tokens, logprobs):
+        logits = model(torch.tensor([prompt + new]))[0, len(prompt) - 1:-1, :vocab_limit]
+        want = F.log_softmax(logits / (temperature or 1.0), -1).gather(-1, torch.tensor(new)[:, None])
+        assert lps == pytest.approx(want.squeeze(-1).tolist(), abs=1e-4)
+
+
+def test_generate_restores_train_mode_and_rejects_bad_input():
+    model = tiny_model().train()
+    generate(model, [[1]], 2)
+    assert model.training
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1] * 60], 10)
+    with pytest.raises(ValueError):
+        generate(model, [[]], 2)
+
+
+def test_sample_next_token_top_p_and_temperature():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, gen, 0, 0.5).tolist() == [0] * 4000  # temperature 0: argmax
+    # top_p 0.7: {0, 1} already hold 0.8 >= 0.7, so tokens 2 and 3 go; renormalised 0.5/0.8 = 0.625 for token 0
+    counts = torch.bincount(sample_next_token(logits, gen, 1.0, 0.7), minlength=4)
+    assert counts[2:].sum() == 0 and abs(counts[0] / 4000 - 0.625) < 0.03
+    counts = torch.bincount(sample_next_token(logits, gen, 1.0, 0.81), minlength=4)
+    assert counts[3] == 0 and counts[2] > 0
+    counts = torch.bincount(sample_next_token(logits, gen, 1.0, 1.0), minlength=4)  # plain sampling
+    assert torch.allclose(counts / 4000, probs[0], atol=0.03)
+    # temperature 2 flattens: p ~ sqrt(p) renormalised
+    flat = probs[0].sqrt() / probs[0].sqrt().sum()
+    counts = torch.bincount(sample_next_token(logits, gen, 2.0, 1.0), minlength=4)
+    assert torch.allclose(counts / 4000, flat, atol=0.03) and not math.isclose(flat[0], 0.5, abs_tol=0.05)
