@@ -21,8 +21,8 @@ What is ON by default, and the GRPOConfig field that changes each term:
      w = 1/(N_seq * max_new_tokens) (no length bias, but the step size then shrinks with response length).
   3. One update per rollout (num_iterations=1). Then old_logp = logp.detach(), the ratio is exactly 1, the
      clip never fires and the loss value is just -sum w A (zero when lengths are equal): this is plain
-     REINFORCE with a group-mean baseline, gradient -sum w A grad(logp). Watch reward and grad_norm. With num_iterations > 1 old log-probs are computed once before
-     the first update and the clip (clip_eps_low / clip_eps_high; DAPO's clip-higher is 0.28) matters.
+     REINFORCE with a group-mean baseline, gradient -sum w A grad(logp). Watch reward and grad_norm.
+     With num_iterations > 1 old log-probs are computed once before the first update and the clip (clip_eps_low / clip_eps_high; DAPO's clip-higher is 0.28) matters.
   4. No KL term (beta=0.0) and so no reference model at all. beta > 0 needs ref_model and adds beta*k3.
   5. Off: DAPO dynamic sampling (drop_uniform_groups=True drops groups whose rewards are all equal; they
      have A = 0 and would only dilute the token normaliser; nothing is resampled to refill the batch).
@@ -33,7 +33,8 @@ Known bugs this file avoids:
   - Log-probs, ratios, KL and entropy use log_softmax(logits / temperature) restricted to ids < vocab_limit:
     the distribution that was actually sampled (TRL #4159). top_p is not applied (as in TRL).
   - Normalisers (token count, sequence count) are computed for the whole rollout batch before the
-    micro-batch loop, so the loss and the gradient do not depend on micro_batch_size (TRL #3021, verl #906).
+    micro-batch loop, so the loss and the gradient do not depend on micro_batch_size (TRL and verl
+    have both normalised per micro-batch at times; TRL PR #6024 fixed one such mis-scaling).
   - The loss includes each completion's stop token, so the model learns to stop.
 Token log-probs never materialise a float32 [B, T, V]: logits are made logprob_chunk tokens at a time
 and recomputed in backward (activation checkpointing), so the [N, V] logits are never all alive at once.
