@@ -1,0 +1,560 @@
+"""Evaluate checkpoints the way the seed papers measure them: greedy accuracy, pass@k curves, failure reasons,
+response length, "aha" phrases, and which problems each model can solve at all.
+
+    python eval.py                                   # latest of out/final, out/ckpt, out/warmup
+    python eval.py --ckpt out/warmup --n_samples=256  # any of our model directories or a HF Qwen2 directory
+    python eval.py --compare out/warmup out/final --plot
+    python eval.py --ckpt Qwen2.5-0.5B --math_file gsm8k_test.jsonl --n_samples=16
+    python eval.py --help                            # every field of EvalConfig with its default
+
+Protocol (limit-of-RLVR, Yue et al. 2025, arXiv 2504.13837, Sec. 2 and App. A.2): zero-shot prompts, n samples
+per problem at temperature 0.6 and top-p 0.95, pass@k for k = 1, 2, 4, ..., n from the unbiased estimator of
+Chen et al. 2021 (Codex) averaged over problems, plus the "solvable set" (problems with at least one correct
+sample) and its overlap between two models. Greedy accuracy (temperature 0) is reported separately.
+- Countdown: the held-out set countdown.test_set with the difficulty knobs and prompt template of the
+  checkpoint's run_config.json (TinyZero defaults, 3-4 numbers in 1..99, for a plain HF directory), scored by
+  rewards.countdown_reward_details, whose failure reasons are counted.
+- Math (--math_file): a local JSONL, GSM8K rows {"question", "answer": "... #### N"} or MATH rows {"problem",
+  "solution": "... \\boxed{...}"}; prompt "{question}\\nPlease reason step by step, and put your final answer
+  within \\boxed{}." (SimpleRL's, used by limit-of-RLVR). The grader is our own (GRADER below); its numbers
+  are NOT directly comparable to Math-Verify or lm-evaluation-harness, which differ by several points.
+Choices: --compare uses the same problems, n, seeds and max_new_tokens for both models (each with its own prompt
+template); sampling prefills each prompt once and samples in chunks of at most batch_size rows, so memory is
+bounded whatever n is. The default run (200 problems, n=16) takes minutes on a CPU; the paper uses n=128..1024.
+Output in out_dir: results.json, generations.jsonl (every response with its reward and reason), passk.png.
+"""
+import inspect
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import countdown
+from model import generate, load_qwen
+from rewards import countdown_reward_details
+from tokenizer import load_tokenizer
+from train import make_prompt  # Countdown prompts exactly as the model was trained on them
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass of defaults; every field can be overridden with --key=value
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = ""                # model directory; "" = latest of run_dir/final, run_dir/ckpt, run_dir/warmup
+    compare: tuple = ()           # two model directories evaluated side by side: --compare A B
+    run_dir: str = "out"          # train.py's out_dir, searched when ckpt is ""
+    n_problems: int = 200         # first n of the held-out set or math file; 0 = all (run_config's eval_size)
+    n_samples: int = 16           # n samples per problem for pass@k, k = 1, 2, 4, ..., n (paper: 128 to 1024)
+    temperature: float = 0.6      # limit-of-RLVR's sampling temperature
+    top_p: float = 0.95           # limit-of-RLVR's nucleus
+    max_new_tokens: int = 0       # 0 = run_config.json's max_new_tokens, else 1024 (TinyZero's response length)
+    batch_size: int = 128         # most rows per generate call; lower it if you run out of memory
+    seed: int = 0                 # sampling seed (the same per problem for every compared model)
+    template: str = ""            # base | chat | compact | auto; "" = run_config.json's; auto = train.py's rule
+    problems_file: str = ""       # Countdown problems as JSONL (countdown.save_problems) instead of test_set
+    math_file: str = ""           # GSM8K or MATH JSONL; evaluates it instead of Countdown
+    math_format: str = "auto"     # gsm8k | math | auto (from the first row's keys)
+    out_dir: str = "eval_out"     # where results.json, generations.jsonl and passk.png go
+    plot: bool = False            # also draw the pass@k curves (needs matplotlib)
+    device: str = "auto"          # cpu | cuda | auto
+    threads: int = 0              # torch CPU threads; 0 = torch's default (1 is faster on a busy machine)
+    dtype: str = "auto"           # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
+
+
+def parse_args(argv):
+    """--key=value for every field; also --key value, --flag for booleans, and --compare A B."""
+    cfg, kinds = EvalConfig(), {f.name: type(f.default) for f in fields(EvalConfig)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(__doc__.strip().split("\n\n")[1] + "\n\nOptions (--key=value):")
+            for line in inspect.getsource(EvalConfig).splitlines()[2:]:  # the dataclass's own lines and comments
+                name, default, comment = re.match(r"\s*(\w+): \w+ = (.*?)\s+# (.*)", line).groups()
+                print(f"  {'--' + name + '=' + default.strip(chr(34)):<28} {comment}")
+            raise SystemExit(0)
+        key, has_value, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or key not in kinds:
+            raise SystemExit(f"unknown argument {arg!r}; options are --{', --'.join(kinds)} (see --help)")
+        step = 1
+        if key == "compare" and not has_value:
+            value, step = ",".join(argv[i + 1:i + 3]), 3
+            if len(argv[i + 1:i + 3]) < 2 or any(v.startswith("--") for v in argv[i + 1:i + 3]):
+                raise SystemExit("--compare needs two model directories: --compare A B")
+        elif not has_value and kinds[key] is not bool:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"--{key} needs a value")
+            value, step = argv[i + 1], 2
+        elif not has_value:
+            value = "true"
+        try:
+            setattr(cfg, key, convert(value, kinds[key]))
+        except ValueError:
+            raise SystemExit(f"--{key}={value}: expected a {kinds[key].__name__}") from None
+        i += step
+    wrong = [rule for rule, ok in [
+        ("--compare takes two directories", len(cfg.compare) in (0, 2)), ("n_samples >= 1", cfg.n_samples >= 1),
+        ("batch_size >= 1", cfg.batch_size >= 1), ("n_problems >= 0", cfg.n_problems >= 0),
+        ("temperature >= 0", cfg.temperature >= 0), ("0 < top_p <= 1", 0 < cfg.top_p <= 1),
+        ("max_new_tokens >= 0", cfg.max_new_tokens >= 0), ("math_format gsm8k|math|auto",
+                                                           cfg.math_format in ("gsm8k", "math", "auto")),
+        ("template base|chat|compact|auto", cfg.template in ("", "auto", "base", "chat", "compact"))] if not ok]
+    if wrong:
+        raise SystemExit("invalid options, need: " + "; ".join(wrong))
+    return cfg
+
+
+def convert(value, kind):
+    if kind is bool:
+        if value.lower() not in ("true", "1", "yes", "false", "0", "no"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1", "yes")
+    if kind is tuple:
+        return tuple(v for v in value.split(",") if v)
+    return kind(value)
+
+# -----------------------------------------------------------------------------
+# pass@k
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k for one problem with c correct out of n samples (Chen et al. 2021, eq. 1)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset contains a correct sample
+    # 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1..n} (1 - k/i): no huge binomials, no overflow
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def ks_for(n):
+    """k = 1, 2, 4, ... <= n, and n itself."""
+    ks = [2 ** j for j in range(n.bit_length()) if 2 ** j <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+# -----------------------------------------------------------------------------
+# Math answers: extraction and normalisation (our grader; see GRADER)
+
+GRADER = ("answer = last \\boxed{...}/\\fbox{...} (brace-matched; also '\\boxed 5'), else the last '#### N', else "
+          "the last number; both sides normalised (spaces, $, \\%, %, thousands commas, trailing '.', 'x =' "
+          "prefixes, \\text units, \\dfrac/\\tfrac -> \\frac) and numbers compared exactly as fractions "
+          "(5.00 = 5, 0.5 = 1/2 = \\frac{1}{2}), anything else as strings. Not Math-Verify / lm-eval-harness.")
+NUMBER = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+"  # "1,234.5", "42", ".5"
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} or \\fbox{...} (nested braces matched), or of "\\boxed 5"; else None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + (6 if text.startswith("\\boxed", start) else 5):]
+    if rest.startswith(" "):  # "\boxed 5$": up to the next space or $
+        return re.split(r"[\s$]", rest.lstrip(), maxsplit=1)[0] or None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return rest[1:i]
+    return None  # unbalanced braces: no answer
+
+
+def extract_math_answer(text):
+    """The model's final answer: last boxed, else last '#### N', else the last number, else None."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    hashes = re.findall(r"####\s*([^\n]+)", text)
+    if hashes and hashes[-1].strip():
+        return hashes[-1].strip()
+    numbers = re.findall(rf"(?:{NUMBER})(?:/\d+)?", text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_answer(answer):
+    """Canonical form of an answer: numbers as reduced fractions ("5", "1/2", "-3/4"), else cleaned text."""
+    s = answer.strip()
+    for junk in ("\\!", "\\left", "\\right", "\\,", "\\;", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}"):
+        s = s.replace(junk, "")
+    s = re.sub(r"^\s*[a-zA-Z]{1,2}\s*=\s*", "", s)  # "x = 5" -> "5" (Hendrycks: left side of <= 2 chars)
+    s = re.sub(r"^(-?[\d.,/]+)\s*\\(?:text|mbox)\{[^{}]*\}$", r"\1", s)  # "5\text{ cm}" -> "5"
+    s = re.sub(r"\\(?:text|mbox)\{([^{}]*)\}", r"\1", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace(" ", "")
+    s = re.sub(r"\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", r"\1/\2", s)  # \frac{1}{2} -> 1/2
+    s = re.sub(r"\\frac(\d)(\d)", r"\1/\2", s)  # \frac12 -> 1/2
+    s = re.sub(r"(\d),(?=\d{3}(?!\d))", r"\1", s).rstrip(".")  # 1,234 -> 1234; "42." -> "42"
+    match = re.fullmatch(r"(-?\d*\.?\d+)(?:/(-?\d*\.?\d+))?", s)
+    if match:
+        den = Fraction(match.group(2) or "1")  # exact: 5.00 == 5 and 0.5 == 1/2
+        if den != 0:
+            return str(Fraction(match.group(1)) / den)
+    return s
+
+
+def score_math(response, gold):
+    """(reward, reason) like the Countdown reward: 1.0 "correct", 0.0 "wrong_value" or "no_answer"."""
+    answer = extract_math_answer(response)
+    if answer is None:
+        return 0.0, "no_answer"
+    return (1.0, "correct") if normalize_answer(answer) == normalize_answer(gold) else (0.0, "wrong_value")
+
+
+def load_math_file(path, math_format="auto"):
+    """Rows {"question", "answer"} (gold answer text) from a GSM8K or MATH JSONL; errors name the line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"math file {path!r} does not exist; pass a JSONL of GSM8K or MATH rows")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object")
+            fmt = math_format if math_format != "auto" else "gsm8k" if "question" in row else "math"
+            keys = ("question", "answer") if fmt == "gsm8k" else ("problem", "solution")
+            if not all(isinstance(row.get(key), str) for key in keys):
+                raise ValueError(f"{path}, line {line_number}: a {fmt} row needs string fields {keys}, got keys "
+                                 f"{sorted(row)}")
+            if fmt == "gsm8k":  # gold = the text after the last "####"
+                gold = row["answer"].split("####")[-1].strip() if "####" in row["answer"] else None
+            else:  # gold = the last \boxed{...} of the solution
+                gold = last_boxed(row["solution"])
+            if not gold:
+                raise ValueError(f"{path}, line {line_number}: no gold answer (GSM8K answers end in '#### N', "
+                                 f"MATH solutions contain \\boxed{{...}})")
+            rows.append({"question": row[keys[0]], "answer": gold, "format": fmt})
+    if not rows:
+        raise ValueError(f"math file {path!r} is empty")
+    return rows
+
+# -----------------------------------------------------------------------------
+# Prompts (Countdown's are train.make_prompt's)
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def math_prompt(row, template, tokenizer):
+    """Zero-shot: SimpleRL's user turn in a chat template, or as plain "Question: ... Answer:" text."""
+    if template == "chat":
+        return tokenizer.chat_template([{"role": "user", "content": f"{row['question']}\n{MATH_INSTRUCTION}"}])
+    return f"Question: {row['question']}\n{MATH_INSTRUCTION}\nAnswer:"
+
+# -----------------------------------------------------------------------------
+# "Aha" and self-verification phrases (R1-Zero's "aha moment"), matched case-insensitively on word boundaries
+
+AHA_PHRASES = {
+    "wait": r"\bwait\b", "hmm": r"\bhm+\b", "aha": r"\baha\b", "mistake": r"\bmistake\b",
+    "let me check": r"\blet(?: me|'s| us) (?:check|see)\b", "verify": r"\bverif(?:y|ies|ied|ying|ication)\b",
+    "recheck": r"\bre-?check", "double-check": r"\bdouble[- ]check", "let me try": r"\blet(?: me|'s| us) try\b",
+    "try again": r"\btry (?:again|another)\b", "reconsider": r"\bre-?(?:consider|evaluate)\b",
+}
+AHA_REGEXES = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in AHA_PHRASES.items()}
+
+
+def aha_phrases(text):
+    return [name for name, regex in AHA_REGEXES.items() if regex.search(text)]
+
+# -----------------------------------------------------------------------------
+# Loading checkpoints
+
+
+def resolve_ckpt(cfg):
+    """--ckpt (a model directory, or a run directory), else the newest model of run_dir: final (after RL),
+    ckpt (the latest save), warmup."""
+    if cfg.ckpt and os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
+        return cfg.ckpt
+    for name in ("final", "ckpt", "warmup"):
+        if os.path.isfile(os.path.join(cfg.ckpt or cfg.run_dir, name, "config.json")):
+            return os.path.join(cfg.ckpt or cfg.run_dir, name)
+    if cfg.ckpt:
+        return cfg.ckpt  # not a model directory: the loader says what is missing
+    raise SystemExit(f"no checkpoint in {cfg.run_dir}/final, {cfg.run_dir}/ckpt or {cfg.run_dir}/warmup: "
+                     f"run python train.py first or pass --ckpt")
+
+
+def read_run_config(path):
+    """train.py's run_config.json of a model directory, or {} for a plain Hugging Face directory."""
+    file = os.path.join(path, "run_config.json")
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"could not read {file}: {e}") from None
+
+
+def load_model(path, cfg):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
+    try:
+        return load_qwen(path, device=device, dtype=getattr(torch, dtype)), load_tokenizer(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"could not load the checkpoint {path!r}: {e}") from None
+
+# -----------------------------------------------------------------------------
+# Sampling and scoring
+
+
+def sample_all(model, prompt_ids, n, temperature, cfg, max_new_tokens, stop_ids, vocab_limit, desc):
+    """Yield (problem index, n completions) for every prompt. At most batch_size rows per generate call: one
+    prompt's n samples in chunks when n >= batch_size, else several prompts per call. Each call's seed depends
+    only on (seed, first problem, first sample), so compared models sample with the same seeds."""
+    per_call = max(1, cfg.batch_size // n)  # prompts per call (1 when n >= batch_size)
+    chunk = min(n, cfg.batch_size)          # samples per prompt per call
+    with tqdm(total=len(prompt_ids) * n, desc=desc, unit="sample", leave=False) as bar:
+        for first in range(0, len(prompt_ids), per_call):
+            prompts = prompt_ids[first:first + per_call]
+            rows = [[] for _ in prompts]
+            for start in range(0, n, chunk):
+                samples = min(chunk, n - start)
+                out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=cfg.top_p,
+                               stop_ids=stop_ids, seed=cfg.seed * 1_000_003 + first * 4099 + start,
+                               num_samples=samples, vocab_limit=vocab_limit)
+                for j in range(len(prompts)):
+                    rows[j].extend(out[j * samples:(j + 1) * samples])
+                bar.update(len(out))
+            yield from enumerate(rows, start=first)
+
+
+def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
+    """Greedy + n samples per problem for one model; writes every generation to jsonl; returns its metrics."""
+    model, tokenizer = load_model(path, cfg)
+    run_config = read_run_config(path)
+    template = cfg.template or run_config.get("template", "auto")
+    if template == "auto":  # train.py's rule: compact for a from-scratch model, else from the tokenizer
+        template = "compact" if run_config.get("init") == "scratch" else "chat" if tokenizer.is_instruct else "base"
+    prompts = [(math_prompt if task == "math" else make_prompt)(item, template, tokenizer) for item in items]
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    room = model.config.max_seq_len - max(len(p) for p in prompt_ids)
+    if room < 1:
+        raise SystemExit(f"{label}: the longest prompt ({max(map(len, prompt_ids))} tokens) fills the model's "
+                         f"max_seq_len {model.config.max_seq_len}; use a shorter --template")
+    if max_new_tokens > room:
+        print(f"{label}: max_new_tokens {max_new_tokens} -> {room} (max_seq_len {model.config.max_seq_len})")
+        max_new_tokens = room
+    stop_ids = tuple(tokenizer.stop_ids)  # eos (+ generation_config's); a chat turn also ends at <|im_end|>
+    if template == "chat" and "<|im_end|>" in tokenizer.special_tokens:
+        stop_ids += (tokenizer.special_tokens["<|im_end|>"],)
+    stats = {"greedy": [0] * len(items), "correct": [0] * len(items), "samples": [], "reasons": Counter(),
+             "greedy_reasons": Counter(), "aha": Counter()}
+
+    def record(kind, i, j, tokens):
+        stopped = bool(tokens) and tokens[-1] in stop_ids
+        content = tokens[:-1] if stopped else tokens  # the stop token is not part of the text
+        response = tokenizer.decode(content)
+        item = items[i]
+        if task == "math":
+            reward, reason = score_math(response, item["answer"])
+        else:
+            reward, reason = countdown_reward_details(response, item.nums, item.target)
+        correct, phrases = reason == "correct", aha_phrases(response)
+        jsonl.write(json.dumps({"model": label, "kind": kind, "problem_index": i, "sample": j,
+                                "problem": item if task == "math" else item.to_dict(), "prompt": prompts[i],
+                                "response": response, "reward": reward, "reason": reason, "correct": correct,
+                                "length": len(content), "stopped": stopped, "aha": phrases}) + "\n")
+        if kind == "greedy":
+            stats["greedy"][i] = int(correct)
+            stats["greedy_reasons"][reason] += 1
+            return
+        stats["correct"][i] += correct
+        stats["samples"].append((correct, len(content), bool(phrases)))
+        stats["reasons"][reason] += 1
+        stats["aha"].update(phrases)
+
+    for first in range(0, len(items), cfg.batch_size):  # greedy decoding, batch_size prompts per call
+        out = generate(model, prompt_ids[first:first + cfg.batch_size], max_new_tokens, temperature=0.0,
+                       stop_ids=stop_ids, vocab_limit=tokenizer.n_vocab)
+        for i, tokens in enumerate(out, start=first):
+            record("greedy", i, 0, tokens)
+    for i, completions in sample_all(model, prompt_ids, cfg.n_samples, cfg.temperature, cfg, max_new_tokens,
+                                     stop_ids, tokenizer.n_vocab, desc=label):
+        for j, tokens in enumerate(completions):
+            record("sample", i, j, tokens)
+    del model
+    return {"ckpt": path, "template": template, "max_new_tokens": max_new_tokens, **summarize(stats, cfg.n_samples)}
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def summarize(stats, n):
+    """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples."""
+    counts, samples = stats["correct"], np.array(stats["samples"], dtype=np.float64)  # (P*n, 3)
+    is_correct, lengths, aha = samples[:, 0] > 0, samples[:, 1], samples[:, 2] > 0
+    total = len(samples)
+
+    def mean(x):  # None for an empty selection (e.g. no correct responses)
+        return float(x.mean()) if len(x) else None
+
+    # point-biserial correlation = Pearson r between length and the 0/1 correctness (None if either is constant)
+    r_pb = None
+    if 0 < is_correct.sum() < total and lengths.std() > 0:  # r_pb = (M1 - M0) / s * sqrt(p (1 - p))
+        p, gap = is_correct.mean(), lengths[is_correct].mean() - lengths[~is_correct].mean()
+        r_pb = float(gap / lengths.std() * math.sqrt(p * (1 - p)))
+    return {
+        "n_problems": len(counts), "n_samples": n,
+        "greedy_accuracy": sum(stats["greedy"]) / len(counts),
+        # pass@k averaged over problems (limit-of-RLVR, App. A.2)
+        "pass_at_k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks_for(n)},
+        "sample_accuracy": float(is_correct.mean()),
+        "reasons": {reason: count / total for reason, count in sorted(stats["reasons"].items())},
+        "greedy_reasons": dict(sorted(stats["greedy_reasons"].items())),
+        "length": {"mean": mean(lengths), "mean_correct": mean(lengths[is_correct]),
+                   "mean_incorrect": mean(lengths[~is_correct]), "point_biserial_r": r_pb},
+        "aha": {"fraction_with": float(aha.mean()), "phrases": dict(stats["aha"].most_common()),
+                "accuracy_with": mean(is_correct[aha]), "accuracy_without": mean(is_correct[~aha])},
+        "correct_counts": counts,
+        "solved": [i for i, c in enumerate(counts) if c > 0],  # the "solvable set": correct at some k <= n
+        "greedy_correct": stats["greedy"],
+    }
+
+
+def overlap(a, b):
+    """Solvable-set overlap of two models (limit-of-RLVR Sec. 3: RL's set is nearly a subset of the base's)."""
+    solved_a, solved_b = set(a["solved"]), set(b["solved"])
+    return {"solved_a": len(solved_a), "solved_b": len(solved_b), "both": len(solved_a & solved_b),
+            "only_a": len(solved_a - solved_b), "only_b": len(solved_b - solved_a),
+            "neither": a["n_problems"] - len(solved_a | solved_b)}
+
+# -----------------------------------------------------------------------------
+# Output
+
+
+def print_table(results):
+    """Compared models as columns; pass@k, greedy accuracy, lengths, failure reasons and aha phrases as rows."""
+    models, protocol = list(results["models"].values()), results["protocol"]
+    labels = list(results["models"])
+    width = max(14, *map(len, labels)) + 2
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = [("greedy accuracy", lambda m: m["greedy_accuracy"])]
+    rows += [(f"pass@{k}", lambda m, k=k: m["pass_at_k"][k]) for k in models[0]["pass_at_k"]]
+    rows += [("solved at some k <= n", lambda m: len(m["solved"])),
+             ("length: all", lambda m: m["length"]["mean"]),
+             ("length: correct/incorrect", lambda m: f"{fmt(m['length']['mean_correct'])}/"
+                                                     f"{fmt(m['length']['mean_incorrect'])}"),
+             ("corr(length, correct)", lambda m: m["length"]["point_biserial_r"])]
+    rows += [(f"reason: {r}", lambda m, r=r: m["reasons"].get(r, 0.0))
+             for r in sorted({r for m in models for r in m["reasons"]})]
+    rows += [("aha phrase in response", lambda m: m["aha"]["fraction_with"]),
+             ("accuracy: aha/no aha", lambda m: f"{fmt(m['aha']['accuracy_with'])}/"
+                                                f"{fmt(m['aha']['accuracy_without'])}")]
+    print(f"\n{results['task']}: {results['n_problems']} problems, n={protocol['n_samples']} samples at "
+          f"T={protocol['temperature']}, top-p={protocol['top_p']}, max_new_tokens={protocol['max_new_tokens']}")
+    print(f"{'':<26}" + "".join(f"{label:>{width}}" for label in labels))
+    for name, value in rows:
+        print(f"{name:<26}" + "".join(f"{fmt(value(m)):>{width}}" for m in models))
+    if results["overlap"]:
+        o = results["overlap"]
+        print(f"solvable sets: both {o['both']}, only {labels[0]} {o['only_a']}, only {labels[1]} {o['only_b']}, "
+              f"neither {o['neither']}")
+    print(f"grader: {results['grader']}")
+
+
+def plot_pass_at_k(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install matplotlib); skipped the figure")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, m in results["models"].items():
+        ks = [int(k) for k in m["pass_at_k"]]
+        ax.plot(ks, list(m["pass_at_k"].values()), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="k", ylabel="pass@k", title=f"{results['task']} pass@k", ylim=(-0.02, 1.02))
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def short_labels(paths):
+    """out/warmup, out/final -> "warmup", "final": the shortest distinct path suffixes."""
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{label} ({i + 1})" for i, label in enumerate(labels)]  # the same directory twice
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad input files or knobs: a message, not a traceback
+        raise SystemExit(f"eval.py: {e}") from None
+
+
+def run(cfg):
+    paths = list(cfg.compare) or [resolve_ckpt(cfg)]
+    for path in paths:
+        if not os.path.isdir(path):
+            raise SystemExit(f"checkpoint directory {path!r} does not exist")
+    print("eval config:", json.dumps(asdict(cfg)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_config = read_run_config(paths[0])  # difficulty knobs and test set of the first model's run
+    if cfg.math_file:
+        task, items = "math", load_math_file(cfg.math_file, cfg.math_format)
+        items = items[:cfg.n_problems or len(items)]
+    elif cfg.problems_file:
+        task, items = "countdown", countdown.load_problems(cfg.problems_file)[:cfg.n_problems or None]
+        if not items:
+            raise SystemExit(f"no problems in {cfg.problems_file}")
+    else:  # held-out set; TinyZero's difficulty (3-4 numbers in 1..99) when the run_config does not say
+        knobs = {key: run_config[key] for key in ("n_nums", "num_range", "target_range") if key in run_config}
+        knobs = {key: tuple(v) if isinstance(v, list) else v for key, v in knobs.items()}
+        n = cfg.n_problems or run_config.get("eval_size", 1000)
+        task, items = "countdown", countdown.test_set(n, **knobs)
+    max_new_tokens = cfg.max_new_tokens or run_config.get("max_new_tokens", 1024)
+    labels = short_labels(paths)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results = {"task": task, "n_problems": len(items),
+               "grader": GRADER if task == "math" else "rewards.countdown_reward_details (exact arithmetic; "
+                                                          "TinyZero's 1.0 / 0.1 / 0.0)",
+               "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                            "max_new_tokens": max_new_tokens, "seed": cfg.seed},
+               "config": asdict(cfg), "models": {}, "overlap": None}
+    with open(os.path.join(cfg.out_dir, "generations.jsonl"), "w", encoding="utf-8") as jsonl:
+        for label, path in zip(labels, paths):
+            results["models"][label] = evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl)
+    if len(labels) == 2:
+        results["overlap"] = overlap(*results["models"].values())
+    print_table(results)
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/generations.jsonl")
+    if cfg.plot and plot_pass_at_k(results, os.path.join(cfg.out_dir, "passk.png")):
+        print(f"wrote {cfg.out_dir}/passk.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

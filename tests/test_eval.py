@@ -1,0 +1,317 @@
+"""eval.py: pass@k against exact binomials, the math answer grader on hand-written answers, the JSONL loaders'
+errors, and end-to-end --compare runs of tiny models whose results are recomputed from the generations file."""
+import json
+import math
+import os
+from collections import defaultdict
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import eval as ev
+
+# -----------------------------------------------------------------------------
+# pass@k
+
+
+def exact_pass_at_k(n, c, k):
+    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))  # Chen et al. 2021 eq. 1 with exact integers
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 64, 100, 128, 257, 1024])
+def test_pass_at_k_matches_exact_binomials(n):
+    # every (c, k) for small n; for large n a spread including the extremes
+    every = range(n + 1) if n <= 64 else {0, 1, 2, 3, n // 7, n // 3, n // 2, n - 2, n - 1, n}
+    cs = sorted(every)
+    ks = sorted(k for k in every if 1 <= k <= n)
+    for c in cs:
+        for k in ks:
+            value = ev.pass_at_k(n, c, k)
+            assert isinstance(value, float) and math.isfinite(value)
+            assert value == pytest.approx(float(exact_pass_at_k(n, c, k)), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_edge_cases_and_errors():
+    assert ev.pass_at_k(1024, 0, 1024) == 0.0
+    assert ev.pass_at_k(1024, 1, 1024) == 1.0
+    assert ev.pass_at_k(1024, 1, 1) == pytest.approx(1 / 1024)
+    assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 is the fraction correct
+    # C(1024, 512) overflows a float (~1e306 is near the limit): the product form must not
+    assert ev.pass_at_k(1024, 500, 512) == pytest.approx(float(exact_pass_at_k(1024, 500, 512)), abs=1e-12)
+    for bad in [(4, 5, 1), (4, 1, 0), (4, 1, 5), (4, -1, 1)]:
+        with pytest.raises(ValueError):
+            ev.pass_at_k(*bad)
+    assert ev.ks_for(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert ev.ks_for(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert ev.ks_for(1) == [1]
+
+# -----------------------------------------------------------------------------
+# Math answers
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so x = \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("first \\boxed{1} then \\boxed{{a}+\\sqrt{2}}", "{a}+\\sqrt{2}"),
+    ("\\fbox{7}", "7"),
+    ("the result is $\\boxed 12$.", "12"),
+    ("cut off \\boxed{3", "3"),  # an unbalanced box is no box: the last number is used
+    ("cut off \\boxed{x", None),
+    ("The answer is 42.", "42"),
+    ("Natalia sold 48/2 = 24 clips... #### 1,234\n", "1,234"),
+    ("costs $5.00 in total", "5.00"),
+    ("it costs 1,234,567 dollars", "1,234,567"),
+    ("half is 3/4", "3/4"),
+    ("no number at all", None),
+    ("", None),
+])
+def test_extract_math_answer(text, answer):
+    assert ev.extract_math_answer(text) == answer
+
+
+@pytest.mark.parametrize("a, b", [
+    ("1,234", "1234"), ("$5.00", "5"), ("42.", "42"), ("7.0", "7"), ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac{3}{4}", "3/4"), ("\\tfrac12", "1/2"), ("50\\%", "50"), ("50%", "50"), (" 1 000 ", "1000"),
+    ("x = 5", "5"), ("-\\frac{2}{4}", "-1/2"), ("5\\text{ cm}", "5"), ("\\text{Evelyn}", "Evelyn"),
+    ("\\left( 1, 2 \\right)", "(1,2)"), (".5", "1/2"), ("90^\\circ", "90"),
+])
+def test_normalize_answer_equal(a, b):
+    assert ev.normalize_answer(a) == ev.normalize_answer(b)
+
+
+@pytest.mark.parametrize("a, b", [("12", "21"), ("1/3", "0.333"), ("1234", "1235"), ("\\sqrt{2}", "2"),
+                                  ("-5", "5"), ("Evelyn", "Emma")])
+def test_normalize_answer_different(a, b):
+    assert ev.normalize_answer(a) != ev.normalize_answer(b)
+
+
+def test_score_math():
+    assert ev.score_math("... so \\boxed{\\frac{1}{2}}", "0.5") == (1.0, "correct")
+    assert ev.score_math("The answer is 1,234.", "1234") == (1.0, "correct")
+    assert ev.score_math("The answer is 17.", "18") == (0.0, "wrong_value")
+    assert ev.score_math("I don't know", "18") == (0.0, "no_answer")
+
+
+def write(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_load_math_file_gsm8k_and_math(tmp_path):
+    gsm = write(tmp_path / "gsm.jsonl", [json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}), "",
+                                         json.dumps({"question": "big?", "answer": "#### 1,234"})])
+    rows = ev.load_math_file(gsm)
+    assert [(r["question"], r["answer"], r["format"]) for r in rows] == [("1+1?", "2", "gsm8k"),
+                                                                         ("big?", "1,234", "gsm8k")]
+    math_row = {"problem": "half?", "solution": "is \\boxed{\\frac{1}{2}}"}
+    math_file = write(tmp_path / "math.jsonl", [json.dumps(math_row)])
+    assert ev.load_math_file(math_file, "auto")[0]["answer"] == "\\frac{1}{2}"
+    assert ev.load_math_file(math_file, "math")[0]["format"] == "math"
+
+
+def test_load_math_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.load_math_file(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="empty"):
+        ev.load_math_file(write(tmp_path / "empty.jsonl", [""]))
+    good = json.dumps({"question": "q", "answer": "#### 1"})
+    with pytest.raises(ValueError, match="line 3: not valid JSON"):
+        ev.load_math_file(write(tmp_path / "bad.jsonl", [good, good, "{oops"]))
+    with pytest.raises(ValueError, match="line 2: no gold answer"):
+        ev.load_math_file(write(tmp_path / "nohash.jsonl", [good, json.dumps({"question": "q", "answer": "2"})]))
+    with pytest.raises(ValueError, match="line 1: a gsm8k row needs"):
+        ev.load_math_file(write(tmp_path / "keys.jsonl", [json.dumps({"question": "q"})]))
+    with pytest.raises(ValueError, match="line 1: no gold answer"):
+        ev.load_math_file(write(tmp_path / "nobox.jsonl", [json.dumps({"problem": "p", "solution": "2"})]))
+    with pytest.raises(SystemExit, match="empty"):  # through main: a message, not a traceback
+        ev.main(["--ckpt", str(tmp_path), "--math_file", str(tmp_path / "empty.jsonl")])
+
+
+def test_aha_phrases():
+    assert ev.aha_phrases("Wait, let me double-check: 3*5=15. Hmm, let's verify.") == \
+        ["wait", "hmm", "verify", "double-check"]
+    assert ev.aha_phrases("await the waiter") == []
+
+
+def test_cli_parsing():
+    cfg = ev.parse_args(["--compare", "a", "b", "--n_samples=8", "--plot", "--ckpt", "c", "--top-p=0.5"])
+    assert cfg.compare == ("a", "b") and cfg.n_samples == 8 and cfg.plot is True and cfg.ckpt == "c"
+    assert cfg.top_p == 0.5
+    assert ev.parse_args(["--compare=a,b", "--plot=false"]).compare == ("a", "b")
+    for bad in (["--nope=1"], ["--n_samples=x"], ["--compare", "a"], ["--n_samples=0"], ["--plot=maybe"]):
+        with pytest.raises(SystemExit):
+            ev.parse_args(bad)
+
+# -----------------------------------------------------------------------------
+# End to end: two tiny byte-level models, --compare, results recomputed from generations.jsonl
+
+
+def save_model(directory, model, run_config):
+    from model import save_hf
+    from tokenizer import byte_tokenizer
+    save_hf(model, directory)
+    byte_tokenizer().save(directory)
+    with open(os.path.join(directory, "run_config.json"), "w") as f:
+        json.dump(run_config, f)
+    return str(directory)
+
+
+def bigram_model(transitions):
+    """A transformer that is a bigram Markov chain: attention and MLP outputs are zeroed, so the last position's
+    hidden state is RMSNorm(one-hot of its own token) = sqrt(dim) * e_j, and lm_head column j holds
+    log P(next | token j) / sqrt(dim). transitions: {char: {next char or "EOS": probability}}."""
+    import torch
+    from model import ModelConfig, Transformer
+    config = ModelConfig(vocab_size=259, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                         tie_embeddings=False, max_seq_len=128)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in (model.norm, model.layers[0].input_layernorm, model.layers[0].post_attention_layernorm):
+            norm.weight.fill_(1.0)
+        model.lm_head.weight.fill_(-1e4)
+        for j, (ch, nexts) in enumerate(transitions.items()):
+            model.embed_tokens.weight[ord(ch), j] = 1.0
+            for nxt, p in nexts.items():
+                model.lm_head.weight[256 if nxt == "EOS" else ord(nxt), j] = math.log(p) / math.sqrt(config.dim)
+    return model
+
+
+def random_model():
+    import torch
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=259, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                   max_seq_len=128))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core machine can be 100x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_against_generations(results, out_dir, n):
+    """Recompute every model's pass@k, greedy accuracy and solved sets from the JSONL, independently."""
+    counts, greedy = defaultdict(lambda: defaultdict(int)), defaultdict(dict)
+    with open(os.path.join(out_dir, "generations.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:
+        assert set(row) >= {"model", "problem", "prompt", "response", "reward", "reason", "length"}
+        if row["kind"] == "greedy":
+            greedy[row["model"]][row["problem_index"]] = row["correct"]
+        else:
+            counts[row["model"]][row["problem_index"]] += row["correct"]
+    P = results["n_problems"]
+    assert len(rows) == len(results["models"]) * P * (n + 1)
+    problems = defaultdict(dict)  # every model saw the same problems
+    for row in rows:
+        problems[row["model"]][row["problem_index"]] = row["problem"]
+    assert len({json.dumps(p, sort_keys=True) for p in problems.values()}) == 1
+    for label, m in results["models"].items():
+        c = [counts[label][i] for i in range(P)]
+        assert m["correct_counts"] == c
+        assert set(m["pass_at_k"]) == {str(k) for k in ev.ks_for(n)}
+        values = [m["pass_at_k"][str(k)] for k in ev.ks_for(n)]
+        assert values == sorted(values), "pass@k must be non-decreasing in k"
+        for k in ev.ks_for(n):
+            expected = sum(float(exact_pass_at_k(n, ci, k)) for ci in c) / P
+            assert m["pass_at_k"][str(k)] == pytest.approx(expected, abs=1e-12)
+        assert m["greedy_accuracy"] == pytest.approx(sum(greedy[label].values()) / P)
+        assert m["solved"] == [i for i in range(P) if c[i] > 0]
+        assert sum(m["reasons"].values()) == pytest.approx(1.0)
+        samples = [r for r in rows if r["model"] == label and r["kind"] == "sample"]
+        lengths = np.array([r["length"] for r in samples], dtype=float)
+        correct = np.array([r["correct"] for r in samples], dtype=float)
+        assert m["length"]["mean"] == pytest.approx(lengths.mean())
+        if 0 < correct.sum() < len(correct) and lengths.std() > 0:  # point-biserial r = Pearson r with a 0/1 variable
+            assert m["length"]["point_biserial_r"] == pytest.approx(np.corrcoef(lengths, correct)[0, 1])
+            assert m["length"]["mean_correct"] == pytest.approx(lengths[correct == 1].mean())
+        assert m["aha"]["fraction_with"] == pytest.approx(np.mean([bool(r["aha"]) for r in samples]))
+    return rows
+
+
+def test_compare_end_to_end(tmp_path, one_thread, capsys):
+    pytest.importorskip("model")
+    from countdown import Problem, save_problems
+    # The compact prompt ends in "\n"; from there the chain writes "<answer>2+3</answer>" with probability ~0.4 at
+    # T=0.6 (it must choose "a" after the first "<", "/" after the second, "2" after the first ">"), else strays
+    # into "</answer>2+3<" loops (no_answer). So "2 3 -> 5" and "3 2 -> 5" are solved sometimes, "2 3 -> 6" gives
+    # wrong_value and "4 5 -> 9" wrong_numbers; the random model solves nothing.
+    follows = {"\n": "<", "a": "n", "n": "s", "s": "w", "w": "e", "e": "r", "r": ">", "2": "+", "+": "3", "3": "<",
+               "/": "a"}
+    chain = {ch: {nxt: 1.0} for ch, nxt in follows.items()}
+    chain.update({"<": {"a": 0.5, "/": 0.5}, ">": {"2": 0.8, "EOS": 0.2}})
+    knobs = {"template": "compact", "max_new_tokens": 40}
+    a = save_model(tmp_path / "a", bigram_model(chain), knobs)
+    b = save_model(tmp_path / "b", random_model(), knobs)
+    save_problems(tmp_path / "p.jsonl", [Problem((2, 3), 5), Problem((3, 2), 5), Problem((2, 3), 6),
+                                         Problem((4, 5), 9)])
+    out = tmp_path / "eval"
+    results = ev.main(["--compare", a, b, f"--problems_file={tmp_path / 'p.jsonl'}", "--n_samples=8",
+                       "--batch_size=8", f"--out_dir={out}", "--plot"])
+    assert set(results) >= {"task", "protocol", "models", "overlap", "grader"}
+    assert results["task"] == "countdown" and len(results["models"]) == 2
+    check_against_generations(results, out, n=8)
+    ma, mb = results["models"].values()
+    assert 0 < ma["correct_counts"][0] < 8 and 0 < ma["correct_counts"][1] < 8, ma["correct_counts"]
+    assert ma["solved"] == [0, 1] and mb["solved"] == []
+    assert 0 < ma["pass_at_k"]["1"] < ma["pass_at_k"]["8"] == 0.5
+    assert set(ma["reasons"]) == {"correct", "no_answer", "wrong_value", "wrong_numbers"}
+    assert results["overlap"] == {"solved_a": 2, "solved_b": 0, "both": 0, "only_a": 2, "only_b": 0, "neither": 2}
+    assert ma["length"]["mean_correct"] >= len("<answer>2+3</answer>")
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "passk.png").stat().st_size > 0
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_default_countdown_set_and_math_end_to_end(tmp_path, one_thread):
+    pytest.importorskip("model")
+    # what train.py writes: template "auto" means compact for a from-scratch (init=scratch) model
+    run_config = {"template": "auto", "init": "scratch", "max_new_tokens": 16, "n_nums": [3, 3],
+                  "num_range": [1, 9], "target_range": [1, 20]}
+    path = save_model(tmp_path / "run" / "final", random_model(), run_config)
+    out = tmp_path / "eval"
+    results = ev.main([f"--run_dir={tmp_path / 'run'}", "--n_problems=3", "--n_samples=4", f"--out_dir={out}"])
+    check_against_generations(results, out, n=4)
+    with open(out / "generations.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert all(len(r["problem"]["nums"]) == 3 and all(1 <= x <= 9 for x in r["problem"]["nums"]) for r in rows)
+    assert all(r["prompt"] == " ".join(map(str, r["problem"]["nums"])) + f" -> {r['problem']['target']}\n"
+               for r in rows)  # the compact template
+    gsm = write(tmp_path / "gsm.jsonl", [json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"})
+                                         for i in range(3)])
+    results = ev.main([f"--ckpt={tmp_path / 'run'}", f"--math_file={gsm}", "--n_samples=2", f"--out_dir={out}"])
+    assert results["task"] == "math" and "Math-Verify" in results["grader"]
+    rows = check_against_generations(results, out, n=2)
+    assert rows[0]["prompt"] == "Question: 0+1?\n" + ev.MATH_INSTRUCTION + "\nAnswer:"
+
+
+def test_math_chat_prompt():
+    from tokenizer import byte_tokenizer
+    prompt = ev.math_prompt({"question": "1+1?", "answer": "2"}, "chat", byte_tokenizer())
+    assert prompt == "<|im_start|>user\n1+1?\n" + ev.MATH_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bad_checkpoints_give_messages(tmp_path):
+    with pytest.raises(SystemExit, match="run python train.py first or pass --ckpt"):
+        ev.main([f"--run_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        ev.main(["--ckpt", str(tmp_path / "nope")])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="could not load the checkpoint"):
+        ev.main(["--ckpt", str(tmp_path / "broken"), "--n_problems=1", f"--out_dir={tmp_path}"])
+    # no run_config.json: a plain HF directory gets TinyZero's base prompt, too long for a 128-token model
+    path = save_model(tmp_path / "hf", random_model(), {})
+    os.remove(os.path.join(path, "run_config.json"))
+    with pytest.raises(SystemExit, match="max_seq_len 128"):
+        ev.main(["--ckpt", path, "--n_problems=1", f"--out_dir={tmp_path}"])

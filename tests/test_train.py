@@ -1,0 +1,205 @@
+"""train.py end to end on tiny models: RL raises the reward, resume after SIGKILL is exact, the --init=qwen
+path runs on a tiny Hugging Face layout checkpoint, and the command line parses, type-checks and lists every field."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import grpo
+import train
+from model import ModelConfig, Transformer, load_safetensors, save_hf
+from tokenizer import bytes_to_unicode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny from-scratch run on 2-number problems with small numbers: short answers a small model can learn to
+# guess better and better, so RL has signal within seconds.
+TINY = ["--dim=64", "--n_layers=2", "--n_nums=2", "--num_range=1,9", "--target_range=1,20", "--p_long=0",
+        "--warmup_batch_size=8", "--warmup_seq_len=96", "--max_new_tokens=32", "--eval_size=4",
+        "--eval_batch_size=16", "--threads=1", "--progress=false", "--seed=3"]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def test_overrides_are_typed_and_fill_both_configs():
+    overrides = train.parse_args(["--lr=0.5", "--rl_steps=7", "--num_range=2,30", "--n_nums=4", "--progress=false",
+                                  "--group_size=3", "--beta=0.01", "--template=chat", "--resume"])
+    assert overrides == {"lr": 0.5, "rl_steps": 7, "num_range": (2, 30), "n_nums": (4, 4), "progress": False,
+                         "group_size": 3, "beta": 0.01, "template": "chat", "resume": True}
+    cfg, gcfg = train.resolve_config(overrides, "cpu")
+    assert (cfg.lr, cfg.rl_steps, cfg.num_range, cfg.n_nums) == (0.5, 7, (2, 30), (4, 4))
+    assert (gcfg.group_size, gcfg.beta) == (3, 0.01)
+
+
+def test_qwen_defaults_apply_before_the_command_line(tmp_path):
+    cfg, gcfg = train.resolve_config({"init": "qwen", "model_dir": str(tmp_path), "lr": 2e-6}, "cpu")
+    assert cfg.lr == 2e-6                                      # the command line wins
+    assert cfg.warmup_steps == 0 and gcfg.max_new_tokens == 1024 and cfg.num_range == (1, 99)
+    assert cfg.gradient_checkpointing
+
+
+def test_field_names_are_unique_across_both_configs():
+    ours = {f.name for f in dataclasses.fields(train.Config)}
+    theirs = {f.name for f in dataclasses.fields(grpo.GRPOConfig)}
+    assert not ours & theirs, "a --key would be ambiguous"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--lr=fast", "expected float"),
+    ("--rl_steps=1.5", "expected int"),
+    ("--progress=maybe", "expected bool"),
+    ("--num_range=1,x", "comma-separated"),
+    ("--warmup_step=3", "did you mean --warmup_steps"),
+    ("--no_such_thing=1", "unknown option --no_such_thing"),
+    ("lr=1", "expected --key=value"),
+])
+def test_bad_arguments_get_a_clear_error(arg, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args([arg])
+
+
+def test_main_turns_bad_input_into_one_line():
+    with pytest.raises(SystemExit, match="error: unknown option --lrr; did you mean --lr"):
+        train.main(["--lrr=1"])
+
+
+def test_help_lists_every_field_with_its_default_and_comment(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for cls in (train.Config, grpo.GRPOConfig):
+        comments = train.field_comments(cls)
+        for f in dataclasses.fields(cls):
+            line = next((l for l in text.splitlines() if l.strip().startswith(f"--{f.name}=")), None)
+            assert line is not None, f"--help does not list {f.name}"
+            assert train.show(f.default) in line and comments[f.name] in line
+
+
+# -----------------------------------------------------------------------------
+# A shortened default run: RL must raise the reward on training problems
+
+
+def test_rl_raises_training_reward(tmp_path):
+    """30 warm-up steps leave the answer format half-learnt (reward 0.1 for any answer tag, 1 if correct);
+    20 GRPO steps must raise the mean reward of the fresh training problems well above where RL started."""
+    out = str(tmp_path / "run")
+    train.main(TINY + [f"--out_dir={out}", "--warmup_steps=30", "--warmup_lr=1e-2", "--rl_steps=20",
+                       "--prompts_per_step=8", "--group_size=8", "--lr=3e-3", "--lr_warmup_steps=3",
+                       "--eval_every=100", "--save_every=100"])
+    rows = read_metrics(out)
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == list(range(20))
+    first = sum(r["reward_mean"] for r in rl[:4]) / 4
+    last = sum(r["reward_mean"] for r in rl[-4:]) / 4
+    assert last > first + 0.04, (first, last)  # ~0.01 -> ~0.08 here; the per-step noise is ~0.005
+    evals = [r for r in rows if r["phase"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 20] and all(0 <= r["eval_accuracy"] <= 1 for r in evals)
+    for name in ("warmup", "final", "ckpt"):
+        assert os.path.isfile(os.path.join(out, name, "model.safetensors"))
+        assert json.load(open(os.path.join(out, name, "run_config.json")))["template"] == "compact"
+
+
+# -----------------------------------------------------------------------------
+# Resume after SIGKILL continues exactly
+
+
+def launch(args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    common = TINY + ["--warmup_steps=6", "--rl_steps=6", "--prompts_per_step=2", "--group_size=4", "--lr=3e-3",
+                     "--eval_every=3", "--save_every=1", "--eval_size=4"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    reference = launch(common + [f"--out_dir={straight}"])
+    process = launch(common + [f"--out_dir={killed}"])
+    # wait until a checkpoint inside RL exists, then kill without warning (no chance to save)
+    state_path, deadline = os.path.join(killed, "ckpt", "state.pt"), time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        try:
+            state = torch.load(state_path, weights_only=False)
+            if state["phase"] == "rl" and state["step"] >= 2:
+                break
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed: " + process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(killed, "final")), "killed too late"
+    resumed = launch(common + [f"--out_dir={killed}", "--resume"])
+    for p in (reference, resumed):
+        assert p.wait(timeout=180) == 0, p.stderr.read().decode()[-2000:]
+
+    def comparable(out_dir):  # everything but wall-clock timings
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "step_time")}
+                for r in read_metrics(out_dir)]
+    a, b = comparable(straight), comparable(killed)
+    assert [(r["phase"], r["step"]) for r in a] == [(r["phase"], r["step"]) for r in b]
+    assert a == b
+    weights_a = load_safetensors(os.path.join(straight, "final", "model.safetensors"))
+    weights_b = load_safetensors(os.path.join(killed, "final", "model.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+# -----------------------------------------------------------------------------
+# --init=qwen on a tiny Hugging Face layout checkpoint with Qwen-style tokenizer files
+
+
+def write_tiny_qwen(directory):
+    """A 2-layer Qwen2 checkpoint (model.save_hf) and byte-level BPE files written by hand: vocab.json with the
+    256 byte tokens plus two merges, merges.txt, and a tokenizer_config.json naming Qwen's special tokens.
+    EOS is <|im_end|>, so the tokenizer counts as instruct and the chat template is chosen."""
+    os.makedirs(directory, exist_ok=True)
+    unicode_of = bytes_to_unicode()
+    vocab = {unicode_of[b]: b for b in range(256)}
+    merges = [("a", "n"), ("an", "s")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    added = {str(len(vocab) + i): {"content": t, "special": True} for i, t in enumerate(specials)}
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+    # 272 embedding rows > 261 token ids, like Qwen's padding rows: sampling must respect vocab_limit
+    config = ModelConfig(vocab_size=272, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                         rope_theta=1e6, max_seq_len=1024, tie_embeddings=True)
+    torch.manual_seed(0)
+    save_hf(Transformer(config), directory)
+
+
+def test_qwen_init_runs_end_to_end(tmp_path, capsys):
+    model_dir, out = str(tmp_path / "tiny-qwen"), str(tmp_path / "run")
+    write_tiny_qwen(model_dir)
+    train.main(["--init=qwen", f"--model_dir={model_dir}", f"--out_dir={out}", "--device=cpu", "--rl_steps=2",
+                "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--micro_batch_size=2",
+                "--eval_size=3", "--eval_every=1", "--threads=1", "--progress=false", "--lr=1e-3"])
+    text = capsys.readouterr().out
+    assert "memory estimate" in text and "largest micro_batch_size that fits" in text
+    assert "reference" in text  # beta = 0.001 by default on this path: a reference model is counted
+    run_config = json.load(open(os.path.join(out, "final", "run_config.json")))
+    assert run_config["template"] == "chat" and run_config["init"] == "qwen" and run_config["warmup_steps"] == 0
+    rows = read_metrics(out)
+    assert [(r["phase"], r["step"]) for r in rows] == [("eval", 0), ("rl", 0), ("eval", 1), ("rl", 1), ("eval", 2)]
+    assert not os.path.exists(os.path.join(out, "warmup"))  # no warm-up phase for a pretrained model
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "config.json", "model.safetensors"):
+        assert os.path.isfile(os.path.join(out, "final", name)), name
