@@ -346,13 +346,34 @@ class KVCache:
 # Sampling
 
 
+def inverse_cdf(probs, u, block=1024):
+    """probs (B, V) >= 0 (any total), u (B, 1) uniform in [0, 1) -> (B, 1) the index i with
+    cdf[i-1] <= u * total < cdf[i]. Two levels, so no float64 cumsum runs over the whole vocabulary: first the
+    cumulative mass of blocks of `block` ids picks a block, then a cumsum inside that block picks the id."""
+    B, V = probs.shape
+    padded = F.pad(probs, (0, -V % block))                              # (B, nb * block), zero mass at the end
+    blocks = padded.view(B, -1, block)                                  # (B, nb, block)
+    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # (B, nb)
+    # stay strictly below the total, so rounding can never pick a zero-mass block or id (e.g. masked ids)
+    below = lambda x, top: torch.minimum(x, torch.nextafter(top, torch.zeros_like(top)))
+    target = below(u * block_cdf[:, -1:], block_cdf[:, -1:])            # (B, 1)
+    b = torch.searchsorted(block_cdf, target, right=True)               # (B, 1) the chosen block
+    mass_before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)), 0.0)
+    inner_cdf = blocks.gather(1, b.unsqueeze(-1).expand(B, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    offset = below((target - mass_before).clamp(min=0.0), inner_cdf[:, -1:])
+    return b * block + torch.searchsorted(inner_cdf, offset, right=True)
+
+
 def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
     """logits (B, V) -> token ids (B,). temperature 0 = argmax; randomness only from `generator`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = F.softmax(logits.float() / temperature, dim=-1)             # (B, V)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    # softmax without its division: inverse_cdf scales by each row's total anyway (one pass over V saved)
+    probs = (scaled - scaled.amax(dim=-1, keepdim=True)).exp()          # (B, V) unnormalised
     ids = None
     if top_p < 1.0:
+        probs = probs / probs.sum(dim=-1, keepdim=True)                 # top-p compares normalised mass
         # top-p / nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose mass
         # reaches top_p, i.e. drop a token when the tokens ranked above it already hold >= top_p (the top one stays)
         probs, ids = probs.sort(dim=-1, descending=True)                # (B, V) each
@@ -360,9 +381,8 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
     # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64, so even
     # 1e-10 probabilities keep their share). Exact, and several times cheaper on a 150k vocab than torch.multinomial,
     # which draws one exponential per vocab entry. Scaling by the total renormalises the top-p survivors.
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)                     # (B, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=probs.shape[1] - 1)  # (B, 1)
+    choice = inverse_cdf(probs, u)                                      # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 

@@ -216,3 +216,22 @@ def test_sample_next_token_top_p_and_temperature():
     flat = probs[0].sqrt() / probs[0].sqrt().sum()
     counts = torch.bincount(sample_next_token(logits, gen, 2.0, 1.0), minlength=4)
     assert torch.allclose(counts / 4000, flat, atol=0.03) and not math.isclose(flat[0], 0.5, abs_tol=0.05)
+
+
+def test_inverse_cdf_matches_a_full_cumsum_and_never_picks_zero_mass():
+    """The two-level inverse CDF (blocks, then ids inside the block) must pick the same id as one float64
+    cumsum over the whole vocabulary, and never an id of zero probability (masked or padded ids)."""
+    from model import inverse_cdf
+    gen = torch.Generator().manual_seed(0)
+    for V, block in [(5000, 1024), (1024, 1024), (3, 1024), (2500, 7)]:
+        probs = torch.rand(64, V, generator=gen) ** 8                   # spread-out masses
+        probs[:, torch.rand(V, generator=gen) < 0.3] = 0.0              # zero-mass ids anywhere
+        probs[:, -1] = 0.0                                              # and at the very end (like vocab_limit)
+        probs[:, 0] += 1e-3                                             # keep every row non-empty
+        u = torch.rand(64, 1, generator=gen, dtype=torch.float64)
+        u[0], u[1] = 0.0, 1.0 - 2 ** -53                                # the extremes
+        cdf = probs.double().cumsum(-1)
+        expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=V - 1)
+        got = inverse_cdf(probs, u, block=block)
+        assert (probs.gather(-1, got) > 0).all()
+        assert (got == expected).all()
