@@ -200,7 +200,7 @@ def grpo_step(model, optimizer, prompts, completions, rewards, cfg, pad_id, stop
         raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions, {len(rewards)} rewards; "
                          f"expected len(completions) == len(rewards) == len(prompts) * group_size ({G})")
     if not prompts or (correct is not None and len(correct) != len(completions)):
-        raise ValueError(f"need at least one prompt, and one `correct` flag per completion when given")
+        raise ValueError("need at least one prompt, and one `correct` flag per completion when given")
     if not all(math.isfinite(r) for r in rewards):
         raise ValueError("rewards contain NaN/inf; fix the reward function (GRPO needs finite scalars)")
     if cfg.beta > 0 and ref_model is None:

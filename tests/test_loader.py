@@ -14,15 +14,6 @@ from model import ModelConfig, Transformer, generate, load_qwen, load_safetensor
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a CPU shared with other jobs two OpenMP threads spin-wait on
-    each other (every matmul 10-50x slower); so this module runs single-threaded, then restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
