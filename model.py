@@ -353,7 +353,9 @@ def inverse_cdf(probs, u, block=1024):
     B, V = probs.shape
     padded = F.pad(probs, (0, -V % block))                              # (B, nb * block), zero mass at the end
     blocks = padded.view(B, -1, block)                                  # (B, nb, block)
-    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # (B, nb)
+    # block masses summed in float32 (no float64 copy of all V), accumulated across blocks in float64: a block's
+    # share is right to ~1e-7 relative; inside the chosen block every id keeps its exact float64 share
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)               # (B, nb)
     # stay strictly below the total, so rounding can never pick a zero-mass block or id (e.g. masked ids)
     below = lambda x, top: torch.minimum(x, torch.nextafter(top, torch.zeros_like(top)))
     target = below(u * block_cdf[:, -1:], block_cdf[:, -1:])            # (B, 1)
@@ -378,8 +380,8 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
         # reaches top_p, i.e. drop a token when the tokens ranked above it already hold >= top_p (the top one stays)
         probs, ids = probs.sort(dim=-1, descending=True)                # (B, V) each
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-    # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64, so even
-    # 1e-10 probabilities keep their share). Exact, and several times cheaper on a 150k vocab than torch.multinomial,
+    # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64 inside the
+    # chosen block, so even 1e-10 probabilities keep their share). Exact, and several times cheaper on a 150k vocab than torch.multinomial,
     # which draws one exponential per vocab entry. Scaling by the total renormalises the top-p survivors.
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     choice = inverse_cdf(probs, u)                                      # (B, 1)
