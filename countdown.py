@@ -398,6 +398,19 @@ def compact_prompt(problem):
     return " ".join(str(n) for n in problem.nums) + f" -> {problem.target}\n"
 
 
+def render_prompt(problem, template, tokenizer=None):
+    """The prompt text for one problem under one of the templates above (train.py and eval.py both use this).
+    compact: "3 5 7 -> 22\n" for the byte model; base: TinyZero's plain-text prompt ending in "<think>";
+    chat: the instruct model's ChatML turns (rendered by tokenizer.chat_template) plus the assistant prefill."""
+    if template == "compact":
+        return compact_prompt(problem)
+    if template == "base":
+        return base_prompt(problem)
+    if template == "chat":
+        return tokenizer.chat_template(chat_messages(problem)) + ASSISTANT_PREFILL
+    raise ValueError(f"unknown prompt template {template!r}; use compact, base or chat")
+
+
 # -----------------------------------------------------------------------------
 # 5. Demonstrations for the next-token-prediction warm-up
 

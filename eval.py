@@ -41,7 +41,6 @@ import countdown
 from model import generate, load_qwen
 from rewards import countdown_reward_details
 from tokenizer import load_tokenizer
-from train import make_prompt  # Countdown prompts exactly as the model was trained on them
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass of defaults; every field can be overridden with --key=value
@@ -243,7 +242,7 @@ def load_math_file(path, math_format="auto"):
     return rows
 
 # -----------------------------------------------------------------------------
-# Prompts (Countdown's are train.make_prompt's)
+# Prompts (Countdown's are countdown.render_prompt's, exactly as in training)
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -341,7 +340,7 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
     template = cfg.template or run_config.get("template", "auto")
     if template == "auto":  # train.py's rule: compact for a from-scratch model, else from the tokenizer
         template = "compact" if run_config.get("init") == "scratch" else "chat" if tokenizer.is_instruct else "base"
-    prompts = [(math_prompt if task == "math" else make_prompt)(item, template, tokenizer) for item in items]
+    prompts = [(math_prompt if task == "math" else countdown.render_prompt)(item, template, tokenizer) for item in items]
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     room = model.config.max_seq_len - max(len(p) for p in prompt_ids)
     if room < 1:

@@ -217,20 +217,9 @@ def step_seed(seed, phase, step):
     return random.Random(f"{seed}/{phase}/{step}").randrange(2**63)
 
 
-def make_prompt(problem, template, tok):
-    """The prompt text for one problem under one of countdown.py's templates."""
-    # compact: "3 5 7 -> 22\n" for the byte model; base: TinyZero's plain-text prompt ending in "<think>";
-    # chat: the instruct model's ChatML turns with the same assistant prefill appended
-    if template == "compact":
-        return countdown.compact_prompt(problem)
-    if template == "base":
-        return countdown.base_prompt(problem)
-    return tok.chat_template(countdown.chat_messages(problem)) + countdown.ASSISTANT_PREFILL
-
-
 def evaluate(model, tok, problems, template, gcfg, stop_ids, batch_size):
     """Greedy decoding on held-out problems -> accuracy (reward 1), mean response length, decoded texts."""
-    prompts = [tok.encode(make_prompt(p, template, tok)) for p in problems]
+    prompts = [tok.encode(countdown.render_prompt(p, template, tok)) for p in problems]
     completions = []
     for i in range(0, len(prompts), batch_size):
         completions += generate(model, prompts[i:i + batch_size], gcfg.max_new_tokens, temperature=0.0,
@@ -354,7 +343,7 @@ def warmup_batch(cfg, step, tok, template):
     examples = []
     while len(examples) < cfg.warmup_batch_size:
         problem = next(stream)
-        prompt = tok.encode(make_prompt(problem, template, tok))
+        prompt = tok.encode(countdown.render_prompt(problem, template, tok))
         completion = tok.encode(countdown.sample_demonstration(problem, cfg.p_long, rng)) + [tok.eos_id]
         if len(prompt) + len(completion) <= cfg.warmup_seq_len + 1:  # longer ones are skipped
             examples.append((prompt, completion))
@@ -571,7 +560,7 @@ def run(argv, stop_requested):
           f"every {cfg.eval_every} steps")
     if device == "cuda" or cfg.init == "qwen":
         budget = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else cfg.gpu_memory_gb * 2**30
-        prompt_len = max(len(tok.encode(make_prompt(p, template, tok))) for p in test_problems[:50])
+        prompt_len = max(len(tok.encode(countdown.render_prompt(p, template, tok))) for p in test_problems[:50])
         print_memory_estimate(mc, 4 if weight_dtype == torch.float32 else 2, rows, prompt_len, gcfg, budget)
     bar = tqdm(range(start, cfg.rl_steps + 1), initial=start, total=cfg.rl_steps + 1, desc="GRPO",
                disable=not cfg.progress, file=sys.stdout, dynamic_ncols=True)
@@ -598,7 +587,7 @@ def run(argv, stop_requested):
         seed = step_seed(cfg.seed, "rl", step)
         stream = countdown.train_stream(seed % 2**32, cfg.n_nums, cfg.num_range, cfg.target_range)
         problems = [next(stream) for _ in range(cfg.prompts_per_step)]
-        prompts = [tok.encode(make_prompt(p, template, tok)) for p in problems]
+        prompts = [tok.encode(countdown.render_prompt(p, template, tok)) for p in problems]
         with autocast:
             completions = grpo.rollout(model, prompts, gcfg, stop_ids, vocab_limit=tok.n_vocab, seed=seed)
         # ---- rewards and advantages (advantages are computed inside grpo_step from these rewards)
