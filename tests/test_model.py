@@ -226,3 +226,19 @@ def test_inverse_cdf_matches_a_full_cumsum_and_never_picks_zero_mass():
         got = inverse_cdf(probs, u, block=block)
         assert (probs.gather(-1, got) > 0).all()
         assert (got == expected).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_logits_blocked_product_equals_one_matmul(dtype):
+    # The CPU path multiplies in blocks of 2,048 vocabulary rows; the plain h @ W^T over the kept rows is the oracle.
+    from model import next_token_logits
+    config = ModelConfig(vocab_size=5000, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    torch.manual_seed(0)
+    model = Transformer(config).to(dtype)
+    h = torch.randn(3, 32, dtype=dtype)
+    for vocab_limit in (None, 4500, 2048):
+        logits = next_token_logits(model, h, vocab_limit)
+        expected = (h.float() @ model.lm_head.weight[:vocab_limit].float().t())
+        assert logits.dtype == torch.float32 and logits.shape == (3, vocab_limit or 5000)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(logits, expected, atol=tol, rtol=tol)
