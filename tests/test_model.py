@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, KVCache, ModelConfig, Transformer, generate, sample_next_token
+from model import PRESETS, KVCache, ModelConfig, Transformer, generate, next_token_logits, sample_next_token
 
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, rope_theta=10000.0,
                    max_seq_len=64)
@@ -231,7 +231,6 @@ def test_inverse_cdf_matches_a_full_cumsum_and_never_picks_zero_mass():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_next_token_logits_blocked_product_equals_one_matmul(dtype):
     # The CPU path multiplies in blocks of 2,048 vocabulary rows; the plain h @ W^T over the kept rows is the oracle.
-    from model import next_token_logits
     config = ModelConfig(vocab_size=5000, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
     torch.manual_seed(0)
     model = Transformer(config).to(dtype)
