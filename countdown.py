@@ -428,22 +428,27 @@ def short_demonstration(problem):
 # This block (down to the closing ===== line) decides what a long demonstration looks like; revise it here
 # and only here. long_demonstration() is its entry point.
 #
-# Example, [3, 5, 7] -> 22 (88 characters):
+# Example, [3, 5, 7] -> 22 (80 characters):
 #     <think>
-#     7:5+3=8 5*3=15 5-3=2 22-7=15 ok
+#     22-7=15:5+3=8 5*3=15 ok
 #     (5*3)+7=15+7=22
 #     </think><answer>(5*3)+7</answer>
 #
 # Why it looks like this. The model that must learn to EXECUTE it is a ~1-3M parameter byte-level
 # transformer trained for minutes, so the trace is built for locality and nothing to guess:
-# - Meet in the middle for three numbers: one line per choice of the number c used LAST (largest c first).
-#   The line first writes every value the other two numbers make (a+b, a*b, a-b, a/b when exact; larger
-#   number first, so no negatives), then the values the pair would NEED for the last step to hit the
-#   target (t-c, t+c, c-t, t/c, t*c, c/t, only the non-negative integer ones), stopping at the first need
-#   that is already among the pair's values ("ok"), or writing "no" after the last one. This checks all
-#   ~100 expressions over three numbers with at most ~25 small facts, instead of listing every expression.
-# - Every fact is one operation on two numbers printed right before it, and every "ok"/"no" is a
-#   comparison with numbers on the same line: computable locally, no memory of earlier lines needed.
+# - Meet in the middle for three numbers: choose the number c used LAST (largest c first); for each value
+#   the other two numbers would NEED for the last step to hit the target (t-c, t+c, c-t, t/c, t*c, c/t, only
+#   the non-negative integer ones) write one line: the need ("22-7=15:"), then the pair's values in a fixed
+#   order (a+b, a*b, a-b, a/b when exact; larger number first, so no negatives) up to the first one equal to
+#   the need, which ends the search ("ok"), or "no" after the last. A non-matching line from the same
+#   search: "22+7=29:5+3=8 5*3=15 5-3=2 no". This checks all ~100 expressions over three numbers.
+# - Every "ok"/"no" compares the need written at the start of its line with the value right before it.
+#   (An earlier version listed the pair's values once per c and all needs after them; its verdicts had to
+#   find a need among values far back on the line, and a small model guessed them: 85 of 120 failures in a
+#   diagnosis of held-out errors. This version costs ~35% more characters and lifted forced-long accuracy
+#   from 40% to 45% and RL's final gain from +8.5 to +15.5 points in one run of train.py each.)
+# - Every fact is one operation on two numbers printed right before it: computable locally, no memory of
+#   earlier lines needed.
 # - The order is a fixed rule (last number from the largest down; fixed op order), so the only thing to
 #   learn is to follow it and compute; a short answer, by contrast, must do the whole search implicitly.
 # - More than three numbers: the same rule one level up, forward. "a op b=r:r c d" replaces two numbers
@@ -455,8 +460,9 @@ def short_demonstration(problem):
 #   answer tag repeats it (the short form's answer is the same expression).
 # - A wrong fact off the solution path is mostly harmless (its line still ends "no"); only the facts on the
 #   path and the verification decide the reward. The hardest facts are products (a*b, t*c).
-# - Lengths (characters, integer-step problems): 3 numbers 1-20, targets 1-100: mean 134, p90 215, max 261;
-#   default difficulty (3-4 numbers 1-99): mean 256, p90 461, max 709. demonstration_lengths() measures.
+# - Lengths (characters, integer-step problems): 3 numbers 1-12, targets 1-100 (train.py's default): mean
+#   174, p90 316, max 459 over the whole space; 3 numbers 1-20: mean 176, max 516; 3-4 numbers 1-99: mean
+#   304, p90 559, max 866. demonstration_lengths() measures.
 # ===========================================================================
 
 _OPS = ("+", "*", "-", "/")
@@ -505,22 +511,20 @@ def _three(nums, t):
     for i in order:
         c = nums[i]
         if c in done:
-            continue  # the same number again gives the same line
+            continue  # the same number again gives the same lines
         done.add(c)
         a, b = sorted((nums[j] for j in range(3) if j != i), reverse=True)
-        pair = _pair_facts(a, b)
-        values = {value: expression for expression, value in reversed(pair)}  # first fact wins
-        line = [f"{c}:"] + [f"{expression}={value}" for expression, value in pair]
         for fact, need, template in _need_facts(t, c):
-            line.append(f"{fact}={need}")
-            if need in values:
-                lines.append(line[0] + " ".join(line[1:]) + " ok")
-                inner = values[need]
-                expression = template.format(inner)
-                # Verification: substitute the pair's value, then the last operation.
-                check = f"{expression}={template.format(need).replace('(', '').replace(')', '')}={t}"
-                return lines, (expression, check)
-        lines.append(line[0] + " ".join(line[1:]) + " no")
+            line = []  # the pair's values, up to the first one equal to the need
+            for expression, value in _pair_facts(a, b):
+                line.append(f"{expression}={value}")
+                if value == need:
+                    lines.append(f"{fact}={need}:" + " ".join(line) + " ok")
+                    answer = template.format(expression)
+                    # Verification: substitute the pair's value, then the last operation.
+                    check = f"{answer}={template.format(need).replace('(', '').replace(')', '')}={t}"
+                    return lines, (answer, check)
+            lines.append(f"{fact}={need}:" + " ".join(line) + " no")
     return lines, None
 
 

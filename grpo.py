@@ -59,7 +59,7 @@ class GRPOConfig:
     group_size: int = 8              # G completions per prompt
     temperature: float = 1.0         # sampling temperature; log-probs are computed at this temperature too
     top_p: float = 1.0               # nucleus sampling for rollouts (training log-probs ignore it, as TRL)
-    max_new_tokens: int = 256        # completion budget; also the constant of loss_agg="dr_grpo"
+    max_new_tokens: int = 480        # completion budget (train.py's longest demonstration: 459); dr_grpo's constant
     clip_eps_low: float = 0.2        # ratio clipped below at 1 - clip_eps_low
     clip_eps_high: float = 0.2       # ratio clipped above at 1 + clip_eps_high (DAPO clip-higher: 0.28)
     beta: float = 0.0                # KL (k3) coefficient; 0 = no reference model

@@ -286,30 +286,37 @@ def test_long_and_short_demonstrations_are_correct():
 
 
 def test_long_form_verdicts_are_true():
-    # In a three-number line "c:<pair facts> <need facts> ok|no", the verdict is "ok" exactly when the
-    # last need equals one of the pair's values; on a "no" line no need equals any pair value.
+    # A three-number line is "<need fact>:<pair facts> ok|no". Written out independently: with c the last
+    # number and a >= b the other two, the need fact is t-c, t+c, c-t, t/c, t*c or c/t; the pair facts are
+    # a+b, a*b, a-b, a/b (when exact, b > 1) in that order, cut right after the first one equal to the need.
+    # "ok" exactly when the last pair value equals the need; every fact's arithmetic is right.
     problems = countdown.generate_problems(300, seed=21, n_nums=3, num_range=(1, 20), integer_steps=True)
+    n_ok = n_no = 0
     for problem in problems:
+        t = problem.target
         think = countdown.long_demonstration(problem).split("</think>")[0]
         for line in think.split("\n"):
-            match = re.match(r"^(\d+):(.*) (ok|no)$", line)
+            match = re.match(r"^(\d+)([-+*/])(\d+)=(\d+):(.*) (ok|no)$", line)
             if not match:
                 continue
-            c = int(match.group(1))
-            facts = FACT.findall(match.group(2))
-            # Pair facts come first: a+b, a*b, a-b and, when exact with b > 1, a/b (a >= b are the two
-            # numbers other than c); the need facts follow.
+            x, op, y, need = int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4))
+            c = y if x == t else x
+            assert (x, y) in [(t, c), (c, t)] and c in problem.nums, line
+            assert need == {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op] and (op != "/" or x % y == 0)
             rest = list(problem.nums)
             rest.remove(c)
             a, b = max(rest), min(rest)
-            n_pair = 4 if b > 1 and a % b == 0 else 3
-            assert [(int(x), int(y)) for x, _, y, _ in facts[:n_pair]] == [(a, b)] * n_pair, line
-            pair_values = {int(z) for _, _, _, z in facts[:n_pair]}
-            need_values = [int(z) for _, _, _, z in facts[n_pair:]]
-            if match.group(3) == "ok":
-                assert need_values[-1] in pair_values and not set(need_values[:-1]) & pair_values, line
+            expected = [("+", a + b), ("*", a * b), ("-", a - b)] + ([("/", a // b)] if b > 1 and a % b == 0 else [])
+            facts = [(int(p), o, int(q), int(v)) for p, o, q, v in FACT.findall(match.group(5))]
+            assert all((p, q) == (a, b) for p, _, q, _ in facts), line
+            assert [(o, v) for _, o, _, v in facts] == expected[:len(facts)], line
+            if match.group(6) == "ok":
+                n_ok += 1
+                assert facts[-1][3] == need and all(v != need for *_, v in facts[:-1]), line
             else:
-                assert not set(need_values) & pair_values, line
+                n_no += 1
+                assert len(facts) == len(expected) and all(v != need for *_, v in facts), line
+    assert n_ok == len(problems) and n_no > len(problems)  # one "ok" per demonstration, many "no" lines
 
 
 def test_long_form_is_complete_for_integer_step_problems():
@@ -326,9 +333,10 @@ def test_long_form_is_complete_for_integer_step_problems():
 
 
 def test_long_form_length_budget_and_mixture():
-    problems = countdown.generate_problems(500, seed=31, n_nums=3, num_range=(1, 20), integer_steps=True)
+    # train.py's default difficulty: every long demonstration (and its prompt) fits warmup_seq_len = 480.
+    problems = countdown.generate_problems(500, seed=31, n_nums=3, num_range=(1, 12), integer_steps=True)
     lengths = countdown.demonstration_lengths(problems)
-    assert sum(lengths["long"]) / len(problems) < 200 and max(lengths["long"]) <= 300
+    assert sum(lengths["long"]) / len(problems) < 200 and max(lengths["long"]) <= 460
     assert max(lengths["short"]) < 40
     rng = random.Random(0)
     texts = [countdown.sample_demonstration(problems[0], 0.25, rng) for _ in range(2000)]
