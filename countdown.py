@@ -298,6 +298,12 @@ def _check_knobs(n_nums, num_range, target_range, split):
     return n_nums
 
 
+@lru_cache(maxsize=1 << 18)  # shared by every stream: train.py opens a new one per step on a small space
+def _in_split_and_solvable(sorted_nums, target, split, integer_steps):
+    in_split = (problem_bucket(sorted_nums, target) < TEST_BUCKETS) == (split == "test")
+    return in_split and solve(sorted_nums, target, integer_steps) is not None
+
+
 def train_stream(seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), split="train",
                  integer_steps=False, max_tries=100_000):
     """Endless iterator of solvable problems (repeats possible), deterministic from seed.
@@ -310,17 +316,10 @@ def train_stream(seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), 
     n_nums = _check_knobs(n_nums, num_range, target_range, split)
     rng = random.Random(seed)
     misses = 0
-    solvable = {}  # (sorted nums, target) -> bool; small difficulty spaces repeat a lot
     while True:
         nums = tuple(rng.randint(*num_range) for _ in range(rng.randint(*n_nums)))
         target = rng.randint(*target_range)
-        key = (tuple(sorted(nums)), target)
-        if key not in solvable:
-            if len(solvable) > 1_000_000:
-                solvable.clear()  # bound the memory on huge spaces, where the cache rarely hits anyway
-            in_split = (problem_bucket(nums, target) < TEST_BUCKETS) == (split == "test")
-            solvable[key] = in_split and solve(nums, target, integer_steps) is not None
-        if solvable[key]:
+        if _in_split_and_solvable(tuple(sorted(nums)), target, split, integer_steps):
             misses = 0
             yield Problem(nums, target)
         else:
