@@ -89,7 +89,7 @@ class Config:
     eval_size: int = 200            # held-out problems for greedy evaluation
     eval_batch_size: int = 200      # prompts per generate() call during evaluation
     # warm-up: next-token prediction on demonstrations (scratch only; 0 steps skips it)
-    warmup_steps: int = 6000        # optimizer steps (~0.1 s each on 2 cores)
+    warmup_steps: int = 6000        # optimizer steps (~0.12 s each on 2 cores)
     warmup_batch_size: int = 16     # demonstrations per step, one per row
     warmup_seq_len: int = 480       # longest prompt + demonstration kept (a longer one is skipped; 480 keeps all)
     warmup_lr: float = 3e-3         # peak AdamW lr, linear warm-up over 20 steps then cosine to 10%

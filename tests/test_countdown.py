@@ -306,7 +306,9 @@ def test_long_form_verdicts_are_true():
             rest = list(problem.nums)
             rest.remove(c)
             a, b = max(rest), min(rest)
-            expected = [("+", a + b), ("*", a * b), ("-", a - b)] + ([("/", a // b)] if b > 1 and a % b == 0 else [])
+            expected = [("+", a + b), ("*", a * b), ("-", a - b)]
+            if b > 1 and a % b == 0:
+                expected.append(("/", a // b))
             facts = [(int(p), o, int(q), int(v)) for p, o, q, v in FACT.findall(match.group(5))]
             assert all((p, q) == (a, b) for p, _, q, _ in facts), line
             assert [(o, v) for _, o, _, v in facts] == expected[:len(facts)], line
