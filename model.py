@@ -381,8 +381,9 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
         probs, ids = probs.sort(dim=-1, descending=True)                # (B, V) each
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
     # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64 inside the
-    # chosen block, so even 1e-10 probabilities keep their share). Exact, and several times cheaper on a 150k vocab than torch.multinomial,
-    # which draws one exponential per vocab entry. Scaling by the total renormalises the top-p survivors.
+    # chosen block, so even 1e-10 probabilities keep their share). Exact, and several times cheaper on a 150k
+    # vocab than torch.multinomial, which draws one exponential per vocab entry. Scaling by the total
+    # renormalises the top-p survivors.
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     choice = inverse_cdf(probs, u)                                      # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)

@@ -13,7 +13,9 @@ Facilitates Learning", arXiv 2510.11495, on Countdown instead of parity):
      tokenizer) is trained from scratch with next-token prediction on demonstrations of 3-number problems
      (numbers 1-12, targets 1-100): mostly SHORT ones (the answer alone) and a fraction p_long = 0.3 of LONG
      ones (a written-out search, countdown.long_demonstration). The loss covers completion tokens only.
-     Because p_long < 1/3, greedy decoding picks the short form, which the model can only guess.
+     Short and long replies part at their opening tag ("<answer>" vs "<think>"), and p_long < 1/2, so
+     greedy decoding picks the short form, which the model can only guess. (1/3 is the parity paper's
+     threshold; p_long = 0.3 stays below both.)
   2. GRPO on fresh problems (grpo.rollout + grpo.grpo_step) with the 0/0.1/1 Countdown reward. Long answers
      win more often, RL up-weights them, the sampled long fraction climbs, greedy decoding switches to the
      long form and responses lengthen.
@@ -115,7 +117,7 @@ QWEN_DEFAULTS = dict(template="auto", gradient_checkpointing=True, n_nums=(3, 4)
                      prompts_per_step=16, lr=1e-6, eval_every=25, sample_every=5, save_every=25,
                      group_size=8, max_new_tokens=1024, beta=0.001, micro_batch_size=8)
 # The one place the from-scratch run scales up on a GPU: a wider, deeper model, more and bigger steps.
-# (Untested on a GPU in this session; lower warmup_lr first if the warm-up loss spikes.)
+# (Not yet run on a GPU; lower warmup_lr first if the warm-up loss spikes.)
 CUDA_SCRATCH_DEFAULTS = dict(dim=384, n_layers=6, warmup_steps=4000, warmup_batch_size=64, warmup_lr=1e-3,
                              rl_steps=100, prompts_per_step=64, eval_batch_size=200, micro_batch_size=128)
 

@@ -14,7 +14,6 @@ from model import ModelConfig, Transformer, generate, load_qwen, load_safetensor
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
 
 
-
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     model = Transformer(dataclasses.replace(TINY, **overrides))

@@ -13,7 +13,6 @@ TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, f
                    max_seq_len=64)
 
 
-
 def tiny_model(dtype=torch.float32, seed=0, std=0.3, **overrides):
     """A tiny random model with large weights, so logits are peaked and greedy choices are far from ties."""
     torch.manual_seed(seed)
