@@ -24,8 +24,8 @@ Facilitates Learning", arXiv 2510.11495, on Countdown instead of parity):
   40 (length 26 -> ~175 tokens) and accuracy peaks at 46.0% (step 40), ending at 44.5% (+15.5 points). The
   gain is capped by how well the warm-up learns to execute the long form (forced into it, the warm-up model
   is right 45% of the time); with fewer warm-up steps (4,500), or with --seed=1, 2 or 3, RL does not switch
-  forms within the run (seeds 1/2/3: +3/-1.5/0 points; README). A bigger model or more warm-up (a GPU) would
-  widen the margin.
+  forms within the run (seeds 1/2/3: +3/-1.5/0 points; README). A bigger model or more warm-up (a GPU) is
+  the untested next step.
 
 --init=qwen starts from a pretrained checkpoint instead (no warm-up): TinyZero / nano-aha-moment's recipe
 (lr 1e-6, 8 samples per prompt, k3 KL 0.001, 1024 new tokens, 3-4 numbers in 1-99). On CUDA the weights are
