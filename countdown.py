@@ -427,9 +427,9 @@ def short_demonstration(problem):
 # This block (down to the closing ===== line) decides what a long demonstration looks like; revise it here
 # and only here. long_demonstration() is its entry point.
 #
-# Example, [3, 5, 7] -> 22 (80 characters):
+# Example, [3, 5, 7] -> 22 (86 characters):
 #     <think>
-#     22-7=15:5+3=8 5*3=15 ok
+#     22-7=15:5+3=8,15 5*3=15,15 ok
 #     (5*3)+7=15+7=22
 #     </think><answer>(5*3)+7</answer>
 #
@@ -440,12 +440,18 @@ def short_demonstration(problem):
 #   the non-negative integer ones) write one line: the need ("22-7=15:"), then the pair's values in a fixed
 #   order (a+b, a*b, a-b, a/b when exact; larger number first, so no negatives) up to the first one equal to
 #   the need, which ends the search ("ok"), or "no" after the last. A non-matching line from the same
-#   search: "22+7=29:5+3=8 5*3=15 5-3=2 no". This checks all ~100 expressions over three numbers.
-# - Every "ok"/"no" compares the need written at the start of its line with the value right before it.
-#   (An earlier version listed the pair's values once per c and all needs after them; its verdicts had to
-#   find a need among values far back on the line, and a small model guessed them: 85 of 120 failures in a
-#   diagnosis of held-out errors. This version costs ~35% more characters; in one default run each (seed
-#   1337) it lifted forced-long accuracy from 40% to 45% and RL's gain from +8.5 to +15.5 points.)
+#   search: "22+7=29:5+3=8,29 5*3=15,29 5-3=2,29 no". This checks all ~100 expressions over three numbers.
+# - Every pair value is followed by a copy of the line's need (",15"), so each verdict compares the two
+#   numbers right before it. Copying is easy for a transformer (an induction head, supervised on every
+#   digit); comparing a value with a need written a dozen characters back is not, and a model that cannot
+#   do it guesses "ok" from how close the two numbers are and where it is on the line. Measured with the
+#   default model after 4,000 warm-up steps with p_long 0.3 (one seed): without the copies it predicted 45%
+#   of the "ok"s (teacher-forced, held-out problems) and its forced-long answers were right on 15.5% of
+#   held-out problems; with them, 86% and 54.5%. The copies make the trace ~20% longer.
+# - Two passes over c: first every need but t*c, then the t*c lines. t*c is the only need that is a big
+#   product ("82*11=902", copied after every pair value), it is on the answer's path only when the answer
+#   ends "/c", and it was the most common arithmetic slip; last, most demonstrations never write it (the
+#   trace gets ~12% shorter, so more warm-up steps fit the same minutes).
 # - Every fact is one operation on two numbers printed right before it: computable locally, no memory of
 #   earlier lines needed.
 # - The order is a fixed rule (last number from the largest down; fixed op order), so the only thing to
@@ -459,9 +465,10 @@ def short_demonstration(problem):
 #   answer tag repeats it (the short form's answer is the same expression).
 # - A wrong fact off the solution path is mostly harmless (its line still ends "no"); only the facts on the
 #   path and the verification decide the reward. The hardest facts are products (a*b, t*c).
-# - Lengths (characters, integer-step problems): 3 numbers 1-12, targets 1-100 (train.py's default): mean
-#   174, p90 316, max 459 over the whole space; 3 numbers 1-20: mean 176, max 516; 3-4 numbers 1-99: mean
-#   304, p90 559, max 866. demonstration_lengths() measures.
+# - Lengths (characters, integer-step problems, 2,000 drawn): 3 numbers 1-12, targets 1-100 (train.py's
+#   default): mean 183, p90 316, max 529 (over the whole space, 7 of 4,758 problems do not fit train.py's
+#   480-token warm-up rows and are skipped there); 3 numbers 1-20: mean 187, p90 356; 3-4 numbers 1-99:
+#   mean 319, p90 606. demonstration_lengths() measures.
 # ===========================================================================
 
 _OPS = ("+", "*", "-", "/")
@@ -499,31 +506,30 @@ def _three(nums, t):
         a, b = sorted(nums, reverse=True)
         line = []
         for expression, value in _pair_facts(a, b):
-            line.append(f"{expression}={value}")
+            line.append(f"{expression}={value},{t}")
             if value == t:
                 lines.append(" ".join(line) + " ok")
                 return lines, (expression, f"{expression}={t}")
         lines.append(" ".join(line) + " no")
         return lines, None
-    order = sorted(range(3), key=lambda i: -nums[i])  # last number: largest first (ties: earlier first)
-    done = set()
-    for i in order:
-        c = nums[i]
-        if c in done:
-            continue  # the same number again gives the same lines
-        done.add(c)
-        a, b = sorted((nums[j] for j in range(3) if j != i), reverse=True)
-        for fact, need, template in _need_facts(t, c):
-            line = []  # the pair's values, up to the first one equal to the need
-            for expression, value in _pair_facts(a, b):
-                line.append(f"{expression}={value}")
-                if value == need:
-                    lines.append(f"{fact}={need}:" + " ".join(line) + " ok")
-                    answer = template.format(expression)
-                    # Verification: substitute the pair's value, then the last operation.
-                    check = f"{answer}={template.format(need).replace('(', '').replace(')', '')}={t}"
-                    return lines, (answer, check)
-            lines.append(f"{fact}={need}:" + " ".join(line) + " no")
+    lasts = list(dict.fromkeys(sorted(nums, reverse=True)))  # the last number c: largest first, each value once
+    # two passes over c: first the needs that stay small, then t*c (a big product, rarely on the answer's path)
+    tries = [(c, need) for c in lasts for need in _need_facts(t, c) if need[0] != f"{t}*{c}"]
+    tries += [(c, need) for c in lasts for need in _need_facts(t, c) if need[0] == f"{t}*{c}"]
+    for c, (fact, need, template) in tries:
+        rest = list(nums)
+        rest.remove(c)
+        a, b = sorted(rest, reverse=True)
+        line = []  # the pair's values, each with a copy of the need, up to the first one equal to the need
+        for expression, value in _pair_facts(a, b):
+            line.append(f"{expression}={value},{need}")
+            if value == need:
+                lines.append(f"{fact}={need}:" + " ".join(line) + " ok")
+                answer = template.format(expression)
+                # Verification: substitute the pair's value, then the last operation.
+                check = f"{answer}={template.format(need).replace('(', '').replace(')', '')}={t}"
+                return lines, (answer, check)
+        lines.append(f"{fact}={need}:" + " ".join(line) + " no")
     return lines, None
 
 

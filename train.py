@@ -11,21 +11,18 @@ What the default run does (after Tsilivis et al., "How Reinforcement Learning Af
 Facilitates Learning", arXiv 2510.11495, on Countdown instead of parity):
   1. warm-up: a small transformer (model.PRESETS["small"] narrowed to dim 128: ~0.75M parameters, byte
      tokenizer) is trained from scratch with next-token prediction on demonstrations of 3-number problems
-     (numbers 1-12, targets 1-100): mostly SHORT ones (the answer alone) and a fraction p_long = 0.3 of LONG
+     (numbers 1-12, targets 1-100): mostly SHORT ones (the answer alone) and a fraction p_long = 0.4 of LONG
      ones (a written-out search, countdown.long_demonstration). The loss covers completion tokens only.
      Short and long replies part at their opening tag ("<answer>" vs "<think>"), and p_long < 1/2, so
-     greedy decoding picks the short form, which the model can only guess. (1/3 is the parity paper's
-     threshold; p_long = 0.3 stays below both.)
+     greedy decoding picks the short form, which the model can only guess. (The parity paper's threshold is
+     1/3 because there a guessed short answer splits its mass between two tokens; ours parts at one token.)
   2. GRPO on fresh problems (grpo.rollout + grpo.grpo_step) with the 0/0.1/1 Countdown reward. Long answers
      win more often, RL up-weights them, the sampled long fraction climbs, greedy decoding switches to the
      long form and responses lengthen.
-  Measured (`python train.py`, 2-core CPU, 14.2 min; reference/metrics.jsonl): held-out greedy accuracy 29.0%
-  after warm-up (short answers, 26 tokens); RL switches greedy decoding to the long form between steps 30 and
-  40 (length 26 -> ~175 tokens) and accuracy peaks at 46.0% (step 40), ending at 44.5% (+15.5 points). The
-  gain is capped by how well the warm-up learns to execute the long form (forced into it, the warm-up model
-  is right 45% of the time); with fewer warm-up steps (4,500), or with --seed=1, 2 or 3, RL does not switch
-  forms within the run (seeds 1/2/3: +3/-1.5/0 points; README). A bigger model or more warm-up (a GPU) is
-  the untested next step.
+  Measured (`python train.py`, 2-core CPU, 14 min 53 s; reference/metrics.jsonl): held-out greedy accuracy
+  26.0% after warm-up (short answers, 26 tokens); RL switches greedy decoding to the long form within 10 steps
+  (length 26 -> ~207 tokens) and accuracy reaches 81.0% (steps 10 and 20), ending at 78.5% (+52.5 points).
+  Other seeds and the variants that led here: README.
 
 --init=qwen starts from a pretrained checkpoint instead (no warm-up): TinyZero / nano-aha-moment's recipe
 (lr 1e-6, 8 samples per prompt, k3 KL 0.001, 1024 new tokens, 3-4 numbers in 1-99). On CUDA the weights are
@@ -92,13 +89,13 @@ class Config:
     eval_size: int = 200            # held-out problems for greedy evaluation
     eval_batch_size: int = 200      # prompts per generate() call during evaluation
     # warm-up: next-token prediction on demonstrations (scratch only; 0 steps skips it)
-    warmup_steps: int = 6000        # optimizer steps (~0.12 s each on 2 cores)
+    warmup_steps: int = 5000        # optimizer steps (~0.15 s each on 2 cores)
     warmup_batch_size: int = 16     # demonstrations per step, one per row
-    warmup_seq_len: int = 480       # longest prompt + demonstration kept (a longer one is skipped; 480 keeps all)
+    warmup_seq_len: int = 480       # longest prompt + demonstration kept (a longer one is skipped; 480 keeps 99%)
     warmup_lr: float = 3e-3         # peak AdamW lr, linear warm-up over 20 steps then cosine to 10%
-    p_long: float = 0.3             # fraction of long (chain-of-thought) demonstrations; < 1/3 is the paper's regime
+    p_long: float = 0.4             # fraction of long (chain-of-thought) demonstrations; < 1/2: greedy answers short
     # RL
-    rl_steps: int = 45              # GRPO steps (greedy switches to the long form after ~30-40 of them)
+    rl_steps: int = 30              # GRPO steps (greedy switches to the long form after ~10-20 of them)
     prompts_per_step: int = 16      # distinct problems per step (times group_size completions)
     lr: float = 3e-4                # AdamW lr for RL (constant after lr_warmup_steps); 6e-4 is unstable, 1e-3 babbles
     lr_warmup_steps: int = 3        # linear lr warm-up at the start of RL (Adam's first steps are full-size)

@@ -288,13 +288,16 @@ def test_long_and_short_demonstrations_are_correct():
 def test_long_form_verdicts_are_true():
     # A three-number line is "<need fact>:<pair facts> ok|no". Written out independently: with c the last
     # number and a >= b the other two, the need fact is t-c, t+c, c-t, t/c, t*c or c/t; the pair facts are
-    # a+b, a*b, a-b, a/b (when exact, b > 1) in that order, cut right after the first one equal to the need.
-    # "ok" exactly when the last pair value equals the need; every fact's arithmetic is right.
+    # a+b, a*b, a-b, a/b (when exact, b > 1) in that order, each followed by ",<need>", cut right after the
+    # first one equal to the need. "ok" exactly when the last pair value equals the need; every fact's
+    # arithmetic is right. Line order: a first pass over c from the largest down without the t*c needs, then
+    # a second pass with only them.
     problems = countdown.generate_problems(300, seed=21, n_nums=3, num_range=(1, 20), integer_steps=True)
-    n_ok = n_no = 0
+    n_ok = n_no = n_product_lines = 0
     for problem in problems:
         t = problem.target
         think = countdown.long_demonstration(problem).split("</think>")[0]
+        order = []  # (is a t*c line, -c) per line: must never decrease
         for line in think.split("\n"):
             match = re.match(r"^(\d+)([-+*/])(\d+)=(\d+):(.*) (ok|no)$", line)
             if not match:
@@ -302,6 +305,8 @@ def test_long_form_verdicts_are_true():
             x, op, y, need = int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4))
             c = y if x == t else x
             assert (x, y) in [(t, c), (c, t)] and c in problem.nums, line
+            order.append((op == "*", -c))
+            n_product_lines += op == "*"
             assert need == {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op] and (op != "/" or x % y == 0)
             rest = list(problem.nums)
             rest.remove(c)
@@ -309,16 +314,30 @@ def test_long_form_verdicts_are_true():
             expected = [("+", a + b), ("*", a * b), ("-", a - b)]
             if b > 1 and a % b == 0:
                 expected.append(("/", a // b))
-            facts = [(int(p), o, int(q), int(v)) for p, o, q, v in FACT.findall(match.group(5))]
-            assert all((p, q) == (a, b) for p, _, q, _ in facts), line
-            assert [(o, v) for _, o, _, v in facts] == expected[:len(facts)], line
+            entries = match.group(5).split(" ")
+            facts = [re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+),(\d+)", entry) for entry in entries]
+            assert all(facts), line
+            facts = [(int(p), o, int(q), int(v), int(copy)) for p, o, q, v, copy in (f.groups() for f in facts)]
+            assert all((p, q) == (a, b) and copy == need for p, _, q, _, copy in facts), line
+            assert [(o, v) for _, o, _, v, _ in facts] == expected[:len(facts)], line
             if match.group(6) == "ok":
                 n_ok += 1
-                assert facts[-1][3] == need and all(v != need for *_, v in facts[:-1]), line
+                assert facts[-1][3] == need and all(f[3] != need for f in facts[:-1]), line
             else:
                 n_no += 1
-                assert len(facts) == len(expected) and all(v != need for *_, v in facts), line
+                assert len(facts) == len(expected) and all(f[3] != need for f in facts), line
+        assert order == sorted(order), think
     assert n_ok == len(problems) and n_no > len(problems)  # one "ok" per demonstration, many "no" lines
+    assert n_product_lines > 0  # the second pass happens
+
+
+def test_long_form_by_hand():
+    # Worked out by hand: [3, 5, 7] -> 22. Last number 7 (the largest); 22-7=15 is the first need; the pair
+    # (5, 3) gives 5+3=8, then 5*3=15, which matches. Two numbers: 6+2=8 is the first pair value.
+    assert countdown.long_demonstration(Problem((3, 5, 7), 22)) == (
+        "<think>\n22-7=15:5+3=8,15 5*3=15,15 ok\n(5*3)+7=15+7=22\n</think><answer>(5*3)+7</answer>")
+    assert countdown.long_demonstration(Problem((2, 6), 12)) == (
+        "<think>\n6+2=8,12 6*2=12,12 ok\n6*2=12\n</think><answer>6*2</answer>")
 
 
 def test_long_form_is_complete_for_integer_step_problems():
@@ -335,10 +354,13 @@ def test_long_form_is_complete_for_integer_step_problems():
 
 
 def test_long_form_length_budget_and_mixture():
-    # train.py's default difficulty: every long demonstration (and its prompt) fits warmup_seq_len = 480.
+    # train.py's default difficulty: nearly every long demonstration (with its prompt and end-of-text token)
+    # fits warmup_seq_len = 480 tokens; the few that don't are skipped by the warm-up.
     problems = countdown.generate_problems(500, seed=31, n_nums=3, num_range=(1, 12), integer_steps=True)
     lengths = countdown.demonstration_lengths(problems)
-    assert sum(lengths["long"]) / len(problems) < 200 and max(lengths["long"]) <= 460
+    assert sum(lengths["long"]) / len(problems) < 200
+    too_long = [p for p, n in zip(problems, lengths["long"]) if len(countdown.compact_prompt(p)) + n + 1 > 480]
+    assert len(too_long) <= 0.03 * len(problems)
     assert max(lengths["short"]) < 40
     rng = random.Random(0)
     texts = [countdown.sample_demonstration(problems[0], 0.25, rng) for _ in range(2000)]
