@@ -91,7 +91,7 @@ class Config:
     # warm-up: next-token prediction on demonstrations (scratch only; 0 steps skips it)
     warmup_steps: int = 5000        # optimizer steps (~0.15 s each on 2 cores)
     warmup_batch_size: int = 16     # demonstrations per step, one per row
-    warmup_seq_len: int = 480       # longest prompt + demonstration kept (a longer one is skipped; 480 keeps 99%)
+    warmup_seq_len: int = 480       # longest prompt + demonstration kept (a longer one is skipped; 480 keeps 99.8%)
     warmup_lr: float = 3e-3         # peak AdamW lr, linear warm-up over 20 steps then cosine to 10%
     p_long: float = 0.4             # fraction of long (chain-of-thought) demonstrations; < 1/2: greedy answers short
     # RL
