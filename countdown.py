@@ -513,9 +513,9 @@ def _three(nums, t):
         lines.append(" ".join(line) + " no")
         return lines, None
     lasts = list(dict.fromkeys(sorted(nums, reverse=True)))  # the last number c: largest first, each value once
-    # two passes over c: first the needs that stay small, then t*c (a big product, rarely on the answer's path)
-    tries = [(c, need) for c in lasts for need in _need_facts(t, c) if need[0] != f"{t}*{c}"]
-    tries += [(c, need) for c in lasts for need in _need_facts(t, c) if need[0] == f"{t}*{c}"]
+    tries = [(c, need) for c in lasts for need in _need_facts(t, c)]
+    # two passes over c: a stable sort moves the t*c lines (a big product, rarely on the answer's path) last
+    tries.sort(key=lambda try_: try_[1][0] == f"{t}*{try_[0]}")
     for c, (fact, need, template) in tries:
         rest = list(nums)
         rest.remove(c)
