@@ -410,6 +410,24 @@ def render_prompt(problem, template, tokenizer=None):
     raise ValueError(f"unknown prompt template {template!r}; use compact, base or chat")
 
 
+def prompt_setup(tokenizer, template, from_scratch):
+    """-> (template, stop ids), the one rule train.py and eval.py share. template "auto": compact for a model
+    trained from scratch, else chat for an instruct tokenizer and base otherwise. Sampling stops at the
+    tokenizer's EOS ids, and a chat turn also at <|im_end|>."""
+    if template == "auto":
+        template = "compact" if from_scratch else "chat" if tokenizer.is_instruct else "base"
+    stop_ids = list(tokenizer.stop_ids)
+    if template == "chat" and "<|im_end|>" in tokenizer.special_tokens:
+        stop_ids.append(tokenizer.special_tokens["<|im_end|>"])
+    return template, list(dict.fromkeys(stop_ids))
+
+
+def is_long_form(response):
+    """True for a reply that thinks before it answers (it closes a <think> block): the long form, whose share
+    RL should raise. Logged as long_frac (sampled) and eval_long_frac (greedy, held out)."""
+    return "</think>" in response
+
+
 # -----------------------------------------------------------------------------
 # 5. Demonstrations for the next-token-prediction warm-up
 

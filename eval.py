@@ -13,7 +13,7 @@ Chen et al. 2021 (Codex) averaged over problems, plus the "solvable set" (proble
 sample) and its overlap between two models. Greedy accuracy (temperature 0) is reported separately.
 - Countdown: the held-out set countdown.test_set with the difficulty knobs and prompt template of the
   checkpoint's run_config.json (TinyZero defaults, 3-4 numbers in 1..99, for a plain HF directory), scored by
-  rewards.countdown_reward_details, whose failure reasons are counted.
+  rewards.reward, whose failure reasons are counted.
 - Math (--math_file): a local JSONL, GSM8K rows {"question", "answer": "... #### N"} or MATH rows {"problem",
   "solution": "... \\boxed{...}"}; prompt "{question}\\nPlease reason step by step, and put your final answer
   within \\boxed{}." (SimpleRL's, used by limit-of-RLVR). The grader is our own (GRADER below); its numbers
@@ -23,14 +23,13 @@ template); sampling prefills each prompt once and samples in chunks of at most b
 bounded whatever n is. The default run (200 problems, n=16) takes minutes on a CPU; the paper uses n=128..1024.
 Output in out_dir: results.json, generations.jsonl (every response with its reward and reason), passk.png.
 """
-import inspect
 import json
 import math
 import os
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -38,69 +37,44 @@ import torch
 from tqdm import tqdm
 
 import countdown
+from cli import opt, parse, pick_device
 from model import generate, load_qwen
-from rewards import countdown_reward_details
+from rewards import is_correct, reward
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-# Config: one dataclass of defaults; every field can be overridden with --key=value
+# Config: one dataclass of defaults; every field can be overridden with --key=value (cli.py)
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str = ""                # model directory; "" = latest of run_dir/final, run_dir/ckpt, run_dir/warmup
-    compare: tuple = ()           # two model directories evaluated side by side: --compare A B
-    run_dir: str = "out"          # train.py's out_dir, searched when ckpt is ""
-    n_problems: int = 200         # first n of the held-out set or math file; 0 = all (run_config's eval_size)
-    n_samples: int = 16           # n samples per problem for pass@k, k = 1, 2, 4, ..., n (paper: 128 to 1024)
-    temperature: float = 0.6      # limit-of-RLVR's sampling temperature
-    top_p: float = 0.95           # limit-of-RLVR's nucleus
-    max_new_tokens: int = 0       # 0 = run_config.json's max_new_tokens, else 1024 (TinyZero's response length)
-    batch_size: int = 128         # most rows per generate call; lower it if you run out of memory
-    seed: int = 0                 # sampling seed (the same per problem for every compared model)
-    template: str = ""            # base | chat | compact | auto; "" = run_config.json's; auto = train.py's rule
-    problems_file: str = ""       # Countdown problems as JSONL (countdown.save_problems) instead of test_set
-    math_file: str = ""           # GSM8K or MATH JSONL; evaluates it instead of Countdown
-    math_format: str = "auto"     # gsm8k | math | auto (from the first row's keys)
-    out_dir: str = "eval_out"     # where results.json, generations.jsonl and passk.png go
-    plot: bool = False            # also draw the pass@k curves (needs matplotlib)
-    device: str = "auto"          # cpu | cuda | auto
-    threads: int = 0              # torch CPU threads; 0 = torch's default (1 is faster on a busy machine)
-    dtype: str = "auto"           # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
+    ckpt: str = opt("", 'model directory; "" = latest of run_dir/final, run_dir/ckpt, run_dir/warmup')
+    compare: tuple = opt((), "two model directories evaluated side by side: --compare A B")
+    run_dir: str = opt("out", "train.py's out_dir, searched when ckpt is empty")
+    n_problems: int = opt(200, "first n of the held-out set or math file; 0 = all (run_config's eval_size)")
+    n_samples: int = opt(16, "n samples per problem for pass@k, k = 1, 2, 4, ..., n (paper: 128 to 1024)")
+    temperature: float = opt(0.6, "limit-of-RLVR's sampling temperature")
+    top_p: float = opt(0.95, "limit-of-RLVR's nucleus")
+    max_new_tokens: int = opt(0, "0 = run_config.json's max_new_tokens, else 1024 (TinyZero's response length)")
+    batch_size: int = opt(128, "most rows per generate call; lower it if you run out of memory")
+    seed: int = opt(0, "sampling seed (the same per problem for every compared model)")
+    template: str = opt("", 'base | chat | compact | auto; "" = run_config.json\'s; auto = train.py\'s rule')
+    problems_file: str = opt("", "Countdown problems as JSONL (countdown.save_problems) instead of test_set")
+    math_file: str = opt("", "GSM8K or MATH JSONL; evaluates it instead of Countdown")
+    math_format: str = opt("auto", "gsm8k | math | auto (from the first row's keys)")
+    out_dir: str = opt("eval_out", "where results.json, generations.jsonl and passk.png go")
+    plot: bool = opt(False, "also draw the pass@k curves (needs matplotlib)")
+    device: str = opt("auto", "auto = cuda, then mps, then cpu")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default (1 is faster on a busy machine)")
+    dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)")
 
 
 def parse_args(argv):
-    """--key=value for every field; also --key value, --flag for booleans, and --compare A B."""
-    cfg, kinds = EvalConfig(), {f.name: type(f.default) for f in fields(EvalConfig)}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(__doc__.strip().split("\n\n")[1] + "\n\nOptions (--key=value):")
-            for line in inspect.getsource(EvalConfig).splitlines()[2:]:  # the dataclass's own lines and comments
-                name, default, comment = re.match(r"\s*(\w+): \w+ = (.*?)\s+# (.*)", line).groups()
-                print(f"  {'--' + name + '=' + default.strip(chr(34)):<28} {comment}")
-            raise SystemExit(0)
-        key, has_value, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or key not in kinds:
-            raise SystemExit(f"unknown argument {arg!r}; options are --{', --'.join(kinds)} (see --help)")
-        step = 1
-        if key == "compare" and not has_value:
-            value, step = ",".join(argv[i + 1:i + 3]), 3
-            if len(argv[i + 1:i + 3]) < 2 or any(v.startswith("--") for v in argv[i + 1:i + 3]):
-                raise SystemExit("--compare needs two model directories: --compare A B")
-        elif not has_value and kinds[key] is not bool:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"--{key} needs a value")
-            value, step = argv[i + 1], 2
-        elif not has_value:
-            value = "true"
-        try:
-            setattr(cfg, key, convert(value, kinds[key]))
-        except ValueError:
-            raise SystemExit(f"--{key}={value}: expected a {kinds[key].__name__}") from None
-        i += step
+    """The shared command line (cli.py), then the rules a valid EvalConfig must follow; SystemExit if not."""
+    try:
+        cfg = EvalConfig(**parse(argv, [EvalConfig], __doc__.strip().split("\n\n")[1]))
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     wrong = [rule for rule, ok in [
         ("--compare takes two directories", len(cfg.compare) in (0, 2)), ("n_samples >= 1", cfg.n_samples >= 1),
         ("batch_size >= 1", cfg.batch_size >= 1), ("n_problems >= 0", cfg.n_problems >= 0),
@@ -111,16 +85,6 @@ def parse_args(argv):
     if wrong:
         raise SystemExit("invalid options, need: " + "; ".join(wrong))
     return cfg
-
-
-def convert(value, kind):
-    if kind is bool:
-        if value.lower() not in ("true", "1", "yes", "false", "0", "no"):
-            raise ValueError(value)
-        return value.lower() in ("true", "1", "yes")
-    if kind is tuple:
-        return tuple(v for v in value.split(",") if v)
-    return kind(value)
 
 # -----------------------------------------------------------------------------
 # pass@k
@@ -299,7 +263,7 @@ def read_run_config(path):
 
 
 def load_model(path, cfg):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = pick_device(cfg.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
@@ -333,13 +297,22 @@ def sample_all(model, prompt_ids, n, temperature, cfg, max_new_tokens, stop_ids,
             yield from enumerate(rows, start=first)
 
 
+def greedy(model, prompt_ids, max_new_tokens, stop_ids, vocab_limit, batch_size):
+    """Greedy completions (temperature 0) of every prompt, batch_size prompts per generate call: the held-out
+    evaluation of train.py and of this script."""
+    completions = []
+    for first in range(0, len(prompt_ids), batch_size):
+        completions += generate(model, prompt_ids[first:first + batch_size], max_new_tokens, temperature=0.0,
+                                stop_ids=stop_ids, vocab_limit=vocab_limit)
+    return completions
+
+
 def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
     """Greedy + n samples per problem for one model; writes every generation to jsonl; returns its metrics."""
     model, tokenizer = load_model(path, cfg)
     run_config = read_run_config(path)
-    template = cfg.template or run_config.get("template", "auto")
-    if template == "auto":  # train.py's rule: compact for a from-scratch model, else from the tokenizer
-        template = "compact" if run_config.get("init") == "scratch" else "chat" if tokenizer.is_instruct else "base"
+    template, stop_ids = countdown.prompt_setup(tokenizer, cfg.template or run_config.get("template", "auto"),
+                                                run_config.get("init") == "scratch")
     prompts = [(math_prompt if task == "math" else countdown.render_prompt)(item, template, tokenizer) for item in items]
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     room = model.config.max_seq_len - max(len(p) for p in prompt_ids)
@@ -349,9 +322,6 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
     if max_new_tokens > room:
         print(f"{label}: max_new_tokens {max_new_tokens} -> {room} (max_seq_len {model.config.max_seq_len})")
         max_new_tokens = room
-    stop_ids = tuple(tokenizer.stop_ids)  # eos (+ generation_config's); a chat turn also ends at <|im_end|>
-    if template == "chat" and "<|im_end|>" in tokenizer.special_tokens:
-        stop_ids += (tokenizer.special_tokens["<|im_end|>"],)
     stats = {"greedy": [0] * len(items), "correct": [0] * len(items), "samples": [], "reasons": Counter(),
              "greedy_reasons": Counter(), "aha": Counter()}
 
@@ -361,13 +331,13 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
         response = tokenizer.decode(content)
         item = items[i]
         if task == "math":
-            reward, reason = score_math(response, item["answer"])
+            reward_value, reason = score_math(response, item["answer"])
         else:
-            reward, reason = countdown_reward_details(response, item.nums, item.target)
-        correct, phrases = reason == "correct", aha_phrases(response)
+            reward_value, reason = reward(response, item)
+        correct, phrases = is_correct(reason), aha_phrases(response)
         jsonl.write(json.dumps({"model": label, "kind": kind, "problem_index": i, "sample": j,
                                 "problem": item if task == "math" else item.to_dict(), "prompt": prompts[i],
-                                "response": response, "reward": reward, "reason": reason, "correct": correct,
+                                "response": response, "reward": reward_value, "reason": reason, "correct": correct,
                                 "length": len(content), "stopped": stopped, "aha": phrases}) + "\n")
         if kind == "greedy":
             stats["greedy"][i] = int(correct)
@@ -378,11 +348,9 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
         stats["reasons"][reason] += 1
         stats["aha"].update(phrases)
 
-    for first in range(0, len(items), cfg.batch_size):  # greedy decoding, batch_size prompts per call
-        out = generate(model, prompt_ids[first:first + cfg.batch_size], max_new_tokens, temperature=0.0,
-                       stop_ids=stop_ids, vocab_limit=tokenizer.n_vocab)
-        for i, tokens in enumerate(out, start=first):
-            record("greedy", i, 0, tokens)
+    for i, tokens in enumerate(greedy(model, prompt_ids, max_new_tokens, stop_ids, tokenizer.n_vocab,
+                                      cfg.batch_size)):
+        record("greedy", i, 0, tokens)
     for i, completions in sample_all(model, prompt_ids, cfg.n_samples, cfg.temperature, cfg, max_new_tokens,
                                      stop_ids, tokenizer.n_vocab, desc=label):
         for j, tokens in enumerate(completions):
@@ -536,7 +504,7 @@ def run(cfg):
     labels = short_labels(paths)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {"task": task, "n_problems": len(items),
-               "grader": GRADER if task == "math" else "rewards.countdown_reward_details (exact arithmetic; "
+               "grader": GRADER if task == "math" else "rewards.reward (exact arithmetic; "
                                                           "TinyZero's 1.0 / 0.1 / 0.0)",
                "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                             "max_new_tokens": max_new_tokens, "seed": cfg.seed},

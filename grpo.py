@@ -1,4 +1,4 @@
-"""GRPO (Group Relative Policy Optimization) in one file: rollouts, advantages, token log-probs, loss, update.
+"""GRPO (Group Relative Policy Optimization) in one file: advantages, micro-batches, token log-probs, loss, update.
 
 For every prompt q we sample a group of G completions o_1..o_G from the current policy, score each with a
 scalar reward r_i, and push up the log-probability of tokens in better-than-average completions:
@@ -22,7 +22,8 @@ What is ON by default, and the GRPOConfig field that changes each term:
   3. One update per rollout (num_iterations=1). Then old_logp = logp.detach(), the ratio is exactly 1, the
      clip never fires and the loss value is just -sum w A (zero when lengths are equal): this is plain
      REINFORCE with a group-mean baseline, gradient -sum w A grad(logp). Watch reward and grad_norm.
-     With num_iterations > 1 old log-probs are computed once before the first update and the clip (clip_eps_low / clip_eps_high; DAPO's clip-higher is 0.28) matters.
+     With num_iterations > 1 old log-probs are computed once before the first update and the clip
+     (clip_eps_low / clip_eps_high; DAPO's clip-higher is 0.28) matters.
   4. No KL term (beta=0.0) and so no reference model at all. beta > 0 needs ref_model and adds beta*k3.
   5. Off: DAPO dynamic sampling (drop_uniform_groups=True drops groups whose rewards are all equal; they
      have A = 0 and would only dilute the token normaliser; nothing is resampled to refill the batch).
@@ -39,11 +40,13 @@ Known bugs this file avoids:
 Token log-probs never materialise a float32 [B, T, V]: logits are made logprob_chunk tokens at a time
 and recomputed in backward (activation checkpointing), so the [N, V] logits are never all alive at once.
 
-Use: completions = rollout(model, prompts, cfg, stop_ids, vocab_limit, seed)
-     metrics = grpo_step(model, optimizer, prompts, completions, rewards, cfg, pad_id, stop_ids,
-                         ref_model=None, correct=None, vocab_limit=vocab_limit)
-Shapes: B rows (sequences), T tokens per row, P prompt columns, L completion columns, C model dim,
-V vocab, N loss tokens, G group size.
+Use (train.py's RL loop does exactly this):
+    completions = generate(model, prompts, ..., num_samples=G)         # model.py; rows in per_row's layout
+    advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps)
+    batch = micro_batches(per_row(prompts, G), completions, rewards, advantages, cfg, pad_id, stop_ids, device)
+    metrics = update(model, optimizer, batch, cfg, ref_model, vocab_limit)    # backward + optimizer.step()
+Shapes: N rollout rows, B rows of one micro-batch, T tokens per row, P prompt columns, L completion columns,
+C model dim, V vocab, G group size.
 """
 import math
 from dataclasses import dataclass
@@ -51,27 +54,28 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model import generate
+from cli import opt
 
 
 @dataclass
 class GRPOConfig:
-    group_size: int = 8              # G completions per prompt
-    temperature: float = 1.0         # sampling temperature; log-probs are computed at this temperature too
-    top_p: float = 1.0               # nucleus sampling for rollouts (training log-probs ignore it, as TRL)
-    max_new_tokens: int = 480        # completion budget (train.py's longest demonstration: 459); dr_grpo's constant
-    clip_eps_low: float = 0.2        # ratio clipped below at 1 - clip_eps_low
-    clip_eps_high: float = 0.2       # ratio clipped above at 1 + clip_eps_high (DAPO clip-higher: 0.28)
-    beta: float = 0.0                # KL (k3) coefficient; 0 = no reference model
-    scale_rewards: str = "group"     # "group" | "batch" | "none": what std divides r - mean(group)
-    adv_eps: float = 1e-4            # added to the std so that uniform groups give A = 0, not 0/0
-    loss_agg: str = "dapo"           # "dapo" | "grpo" | "dr_grpo": how per-token losses are averaged
-    num_iterations: int = 1          # optimizer steps per rollout batch (PPO epochs, mu)
-    micro_batch_size: int = 8        # rows per forward/backward; does not change the result, only memory
-    max_grad_norm: float = 1.0       # clip the global grad norm to this; 0 disables clipping
-    drop_uniform_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
-    mask_truncated: bool = False     # DAPO overlong filtering: no loss on completions without a stop id
-    logprob_chunk: int = 512         # tokens per chunk of the chunked log-softmax ([chunk, V] float32 alive)
+    group_size: int = opt(8, "G completions per prompt")
+    temperature: float = opt(1.0, "sampling temperature; log-probs are computed at this temperature too")
+    top_p: float = opt(1.0, "nucleus sampling for rollouts (training log-probs ignore it, as TRL)")
+    max_new_tokens: int = opt(480, "completion budget of every sampled or demonstrated response; dr_grpo's "
+                                   "constant")
+    clip_eps_low: float = opt(0.2, "ratio clipped below at 1 - clip_eps_low")
+    clip_eps_high: float = opt(0.2, "ratio clipped above at 1 + clip_eps_high (DAPO clip-higher: 0.28)")
+    beta: float = opt(0.0, "KL (k3) coefficient; 0 = no reference model")
+    scale_rewards: str = opt("group", "group | batch | none: what std divides r - mean(group)")
+    adv_eps: float = opt(1e-4, "added to the std so that uniform groups give A = 0, not 0/0")
+    loss_agg: str = opt("dapo", "dapo | grpo | dr_grpo: how per-token losses are averaged")
+    num_iterations: int = opt(1, "optimizer steps per rollout batch (PPO epochs, mu)")
+    micro_batch_size: int = opt(8, "rows per forward/backward; does not change the result, only memory")
+    max_grad_norm: float = opt(1.0, "clip the global grad norm to this; 0 disables clipping")
+    drop_uniform_groups: bool = opt(False, "DAPO dynamic sampling: drop groups whose rewards are all equal")
+    mask_truncated: bool = opt(False, "DAPO overlong filtering: no loss on completions without a stop id")
+    logprob_chunk: int = opt(512, "tokens per chunk of the chunked log-softmax ([chunk, V] float32 alive)")
 
     def __post_init__(self):
         choices = {"scale_rewards": ("group", "batch", "none"), "loss_agg": ("dapo", "grpo", "dr_grpo")}
@@ -86,18 +90,21 @@ class GRPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)} must be >= 1")
 
+# -----------------------------------------------------------------------------
+# 1. Groups and advantages
 
-def rollout(model, prompts, cfg, stop_ids, vocab_limit=None, seed=None):
-    """Sample cfg.group_size completions per prompt -> list of len(prompts)*G token lists, grouped
-    contiguously (prompt 0's G rows first). Each row keeps its first stop id, if it produced one."""
-    with torch.no_grad():
-        return generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, stop_ids=stop_ids, seed=seed, num_samples=cfg.group_size,
-                        vocab_limit=vocab_limit)
+
+def per_row(items, group_size):
+    """The rollout layout, defined here once: generate(..., num_samples=G) returns prompt 0's G rows, then
+    prompt 1's, and so on, so rollout row i belongs to items[i // G]. -> one item per row."""
+    return [item for item in items for _ in range(group_size)]
 
 
 def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4):
-    """rewards [N] (groups contiguous) -> advantages [N]. Std is the population std (ddof=0)."""
+    """rewards [N] (rows in per_row's layout) -> advantages [N]. Std is the population std (ddof=0)."""
+    if rewards.numel() == 0 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards: expected len(prompts) * group_size ({group_size}), one per "
+                         f"rollout row")
     grouped = rewards.view(-1, group_size)                               # [N/G, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)                # GRPO baseline: the group mean
     if scale_rewards == "group":
@@ -105,6 +112,94 @@ def group_advantages(rewards, group_size, scale_rewards="group", eps=1e-4):
     elif scale_rewards == "batch":
         centred = centred / (rewards.std(correction=0) + eps)            # Lite PPO: one std for the batch
     return centred.reshape(-1)                                           # "none": Dr. GRPO, r - mean
+
+
+def uniform_groups(rewards, group_size):
+    """rewards [N] -> [N/G] bool: the groups whose rewards are all equal (A = 0 for every row)."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.amax(1) == grouped.amin(1)
+
+
+def is_truncated(completion, stop_ids):
+    """A completion that ran out of budget: it does not end with a stop id (generate keeps the stop id)."""
+    return len(completion) == 0 or completion[-1] not in stop_ids
+
+# -----------------------------------------------------------------------------
+# 2. The rollout batch, cut into micro-batches
+
+
+def token_loss_weights(lengths, loss_agg, max_new_tokens):
+    """lengths: loss tokens of every row of the WHOLE rollout batch -> per-token weight of each row, so that
+    loss = sum over rows and tokens of weight * l, however the rows are later split into micro-batches."""
+    num_rows, num_tokens = len(lengths), sum(lengths)
+    if loss_agg == "dapo":     # DAPO: sum over all tokens / tokens in the batch
+        return [1.0 / num_tokens for _ in lengths]
+    if loss_agg == "grpo":     # DeepSeekMath: mean over each sequence's tokens, then mean over sequences
+        return [1.0 / (num_rows * n) for n in lengths]
+    return [1.0 / (num_rows * max_new_tokens) for _ in lengths]    # Dr. GRPO: sum / (N_seq * L_max)
+
+
+def build_batch(prompts, completions, pad_id, device="cpu"):
+    """One row per (prompt, completion) pair: left-padded prompt, then completion, then right padding.
+    -> tokens [B, P+L], attention_mask [B, P+L] (1 = real), completion_mask [B, L] bool, P.
+    Every completion starts at column P, so completion token j is predicted by the hidden state at P-1+j."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: GRPO needs at least one prompt token to predict the first completion token")
+    P, L = max(len(p) for p in prompts), max(max(len(c) for c in completions), 1)
+    tokens = torch.full((len(prompts), P + L), pad_id, dtype=torch.long)              # [B, P+L]
+    attention_mask = torch.zeros(len(prompts), P + L, dtype=torch.long)              # [B, P+L]
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        tokens[i, P - len(p):P + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attention_mask[i, P - len(p):P + len(c)] = 1
+    completion_mask = attention_mask[:, P:].bool()                                   # [B, L]
+    return tokens.to(device), attention_mask.to(device), completion_mask.to(device), P
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor            # [B, P+L] prompt (left-padded) + completion (right-padded)
+    attention_mask: torch.Tensor    # [B, P+L] 1 = real token
+    completion_mask: torch.Tensor   # [B, L] True = a loss token (the stop id included)
+    prompt_len: int                 # P: completion token j sits at column P + j
+    advantages: torch.Tensor        # [B] A_i of each row
+    weights: torch.Tensor           # [B, L] w_i,t of every loss token (0 elsewhere), from the whole batch
+    old_logprobs: torch.Tensor = None   # [B, L] pi_old, frozen by update() when num_iterations > 1
+    ref_logprobs: torch.Tensor = None   # [B, L] pi_ref, by update() when there is a reference model
+
+
+def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, stop_ids, device="cpu"):
+    """The rows that get a loss, cut into micro-batches of cfg.micro_batch_size rows. row_prompts,
+    completions: one per rollout row (per_row's layout); rewards, advantages: [N]. Dynamic sampling and overlong
+    filtering (the GRPOConfig switches) remove whole rows; normalisers come from the rows kept, before any split."""
+    if not (len(row_prompts) == len(completions) == len(rewards) == len(advantages)) \
+            or len(completions) % cfg.group_size:
+        raise ValueError(f"got {len(row_prompts)} prompt rows, {len(completions)} completions, {len(rewards)} "
+                         f"rewards: expected one each per rollout row, len(prompts) * group_size "
+                         f"({cfg.group_size}) rows")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN/inf; fix the reward function (GRPO needs finite scalars)")
+    if max(map(len, completions)) > cfg.max_new_tokens:
+        raise ValueError(f"a completion is longer than max_new_tokens={cfg.max_new_tokens}; sample with the same "
+                         f"GRPOConfig you train with")
+    uniform = uniform_groups(rewards, cfg.group_size)                                  # [N/G]
+    keep = [i for i, c in enumerate(completions) if len(c) > 0
+            and not (cfg.drop_uniform_groups and uniform[i // cfg.group_size])
+            and not (cfg.mask_truncated and is_truncated(c, stop_ids))]
+    weights = dict(zip(keep, token_loss_weights([len(completions[i]) for i in keep], cfg.loss_agg,
+                                                cfg.max_new_tokens)))
+    keep.sort(key=lambda i: len(row_prompts[i]) + len(completions[i]))  # similar lengths: less padding
+    batch = []
+    for start in range(0, len(keep), cfg.micro_batch_size):
+        rows = keep[start:start + cfg.micro_batch_size]
+        tokens, attention_mask, completion_mask, P = build_batch(
+            [row_prompts[i] for i in rows], [completions[i] for i in rows], pad_id, device)
+        row_weights = torch.tensor([weights[i] for i in rows], device=device)[:, None]     # [B, 1]
+        batch.append(MicroBatch(tokens, attention_mask, completion_mask, P, advantages[rows].to(device),
+                                completion_mask * row_weights))
+    return batch
+
+# -----------------------------------------------------------------------------
+# 3. Token log-probabilities of the sampled completions
 
 
 def _chunk_logprobs(hidden, weight, targets, temperature):
@@ -129,22 +224,6 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=512):
     return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
-def build_batch(prompts, completions, pad_id, device="cpu"):
-    """One row per (prompt, completion) pair: left-padded prompt, then completion, then right padding.
-    -> tokens [B, P+L], attention_mask [B, P+L] (1 = real), completion_mask [B, L] bool, P.
-    Every completion starts at column P, so completion token j is predicted by the hidden state at P-1+j."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: GRPO needs at least one prompt token to predict the first completion token")
-    P, L = max(len(p) for p in prompts), max(max(len(c) for c in completions), 1)
-    tokens = torch.full((len(prompts), P + L), pad_id, dtype=torch.long)              # [B, P+L]
-    attention_mask = torch.zeros(len(prompts), P + L, dtype=torch.long)              # [B, P+L]
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[i, P - len(p):P + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        attention_mask[i, P - len(p):P + len(c)] = 1
-    completion_mask = attention_mask[:, P:].bool()                                   # [B, L]
-    return tokens.to(device), attention_mask.to(device), completion_mask.to(device), P
-
-
 def completion_logprobs(model, tokens, attention_mask, completion_mask, prompt_len, temperature,
                         vocab_limit=None, chunk_size=512):
     """-> (logprobs [B, L], entropy [B, L]), zero where completion_mask is False."""
@@ -159,6 +238,9 @@ def completion_logprobs(model, tokens, attention_mask, completion_mask, prompt_l
     entropy = flat_entropy.new_zeros(completion_mask.shape)                           # [B, L]
     entropy[completion_mask] = flat_entropy
     return logprobs, entropy
+
+# -----------------------------------------------------------------------------
+# 4. The loss and the update
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps_low, clip_eps_high):
@@ -178,120 +260,63 @@ def k3_kl(logprobs, ref_logprobs):
     return torch.exp(x) - x - 1
 
 
-def token_loss_weights(lengths, loss_agg, max_new_tokens):
-    """lengths: loss tokens of every row of the WHOLE rollout batch -> per-token weight of each row, so that
-    loss = sum over rows and tokens of weight * l, however the rows are later split into micro-batches."""
-    num_rows, num_tokens = len(lengths), sum(lengths)
-    if loss_agg == "dapo":     # DAPO: sum over all tokens / tokens in the batch
-        return [1.0 / num_tokens for _ in lengths]
-    if loss_agg == "grpo":     # DeepSeekMath: mean over each sequence's tokens, then mean over sequences
-        return [1.0 / (num_rows * n) for n in lengths]
-    return [1.0 / (num_rows * max_new_tokens) for _ in lengths]    # Dr. GRPO: sum / (N_seq * L_max)
+def policy_loss(model, mb, cfg, vocab_limit=None):
+    """One micro-batch's exact share of the batch loss, sum_i,t w_i,t l_i,t (the docstring's equations)
+    -> (loss, {clip_frac, kl, entropy}: sums over its loss tokens, detached)."""
+    logprobs, entropy = completion_logprobs(model, mb.tokens, mb.attention_mask, mb.completion_mask,
+                                            mb.prompt_len, cfg.temperature, vocab_limit, cfg.logprob_chunk)
+    # with one update per rollout, old == current: ratio exactly 1, gradient = REINFORCE's -A grad(logp)
+    old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+    loss_tokens, clipped = clipped_policy_loss(logprobs, old, mb.advantages, cfg.clip_eps_low,
+                                               cfg.clip_eps_high)                                  # [B, L]
+    kl = torch.zeros((), device=logprobs.device)
+    if mb.ref_logprobs is not None:
+        kl = k3_kl(logprobs, mb.ref_logprobs)                                                      # [B, L]
+        loss_tokens = loss_tokens + cfg.beta * kl
+    loss = (loss_tokens * mb.weights).sum()
+    mask = mb.completion_mask
+    return loss, {"clip_frac": (clipped & mask).sum(), "kl": (kl.detach() * mask).sum(),
+                  "entropy": (entropy * mask).sum()}
 
 
-def grpo_step(model, optimizer, prompts, completions, rewards, cfg, pad_id, stop_ids, ref_model=None,
-              correct=None, vocab_limit=None):
-    """One GRPO update from one rollout batch. prompts: the distinct prompts; completions/rewards/correct:
-    len(prompts) * G rows grouped as rollout() returns them. Runs cfg.num_iterations optimizer steps
-    (each: all micro-batches' backward, grad clip, optimizer.step()). Returns a dict of metrics; kl is
-    0.0 without a ref_model; "skipped" is 1 when no step was taken (non-finite loss/grad, or no rows left)."""
-    G, stop_ids = cfg.group_size, set(stop_ids)
-    if len(completions) != len(prompts) * G or len(rewards) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions, {len(rewards)} rewards; "
-                         f"expected len(completions) == len(rewards) == len(prompts) * group_size ({G})")
-    if not prompts or (correct is not None and len(correct) != len(completions)):
-        raise ValueError("need at least one prompt, and one `correct` flag per completion when given")
-    if not all(math.isfinite(r) for r in rewards):
-        raise ValueError("rewards contain NaN/inf; fix the reward function (GRPO needs finite scalars)")
+def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
+    """cfg.num_iterations optimizer steps on one rollout batch, each: every micro-batch's loss.backward(),
+    then grad clipping and optimizer.step(). A non-finite loss or gradient is never applied. -> metrics:
+    loss, clip_frac, kl, entropy, grad_norm (averaged over the steps taken), num_tokens, skipped (1 = no step)."""
     if cfg.beta > 0 and ref_model is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_model (a frozen copy of the initial policy)")
-    # the loss covers each completion up to and including its first stop id; no stop id = truncated
-    ends = [next((j + 1 for j, t in enumerate(c) if t in stop_ids), len(c)) for c in completions]
-    completions = [list(c[:n]) for c, n in zip(completions, ends)]
-    truncated = [len(c) == 0 or c[-1] not in stop_ids for c in completions]
-    if max(len(c) for c in completions) > cfg.max_new_tokens:
-        raise ValueError(f"a completion is longer than max_new_tokens={cfg.max_new_tokens}; use the same "
-                         f"GRPOConfig for rollout() and grpo_step()")
-    if vocab_limit is not None and max(max(c, default=0) for c in completions) >= vocab_limit:
-        raise ValueError(f"a completion holds an id >= vocab_limit={vocab_limit}; pass the vocab_limit "
-                         f"that rollout() sampled with")
-    rewards_t = torch.tensor(rewards, dtype=torch.float32)                            # [N]
-    advantages = group_advantages(rewards_t, G, cfg.scale_rewards, cfg.adv_eps)      # [N]
-    uniform = (rewards_t.view(-1, G).amax(1) == rewards_t.view(-1, G).amin(1))        # [N/G] all-equal groups
-    metrics = {
-        "reward_mean": rewards_t.mean().item(), "reward_std": rewards_t.std(correction=0).item(),
-        "accuracy": sum(map(bool, correct)) / len(correct) if correct is not None
-                    else (rewards_t == 1.0).float().mean().item(),
-        "response_length": sum(map(len, completions)) / len(completions),
-        "truncated_frac": sum(truncated) / len(truncated), "zero_adv_frac": uniform.float().mean().item(),
-        "loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "num_tokens": 0,
-        "skipped": 0}
-
-    # choose the rows that get a loss: dynamic sampling and overlong filtering remove whole rows
-    keep = [i for i in range(len(completions)) if len(completions[i]) > 0
-            and not (cfg.drop_uniform_groups and uniform[i // G])
-            and not (cfg.mask_truncated and truncated[i])]
-    if not keep:
-        metrics["skipped"] = 1
-        return metrics
-    # normalisers from the WHOLE batch, fixed before any micro-batching (the loss is a plain sum below)
-    weights = dict(zip(keep, token_loss_weights([len(completions[i]) for i in keep], cfg.loss_agg,
-                                                cfg.max_new_tokens)))
-    # similar lengths in the same micro-batch waste less compute on padding
-    keep.sort(key=lambda i: len(prompts[i // G]) + len(completions[i]))
-    device = model.lm_head.weight.device
-    micro_batches = []
-    for start in range(0, len(keep), cfg.micro_batch_size):
-        rows = keep[start:start + cfg.micro_batch_size]
-        tokens, attention_mask, completion_mask, P = build_batch(
-            [prompts[i // G] for i in rows], [completions[i] for i in rows], pad_id, device)
-        mb = dict(tokens=tokens, attention_mask=attention_mask, completion_mask=completion_mask, P=P,
-                  advantages=advantages[rows].to(device),                                       # [b]
-                  weights=completion_mask * torch.tensor([weights[i] for i in rows], device=device)[:, None])
-        micro_batches.append(mb)
-
-    def logprobs_of(m, mb):  # -> (logprobs [b, L], entropy [b, L]) under the sampling temperature
-        return completion_logprobs(m, mb["tokens"], mb["attention_mask"], mb["completion_mask"], mb["P"],
-                                   cfg.temperature, vocab_limit, cfg.logprob_chunk)
-
-    with torch.no_grad():
-        for mb in micro_batches:
-            # pi_old is the policy that sampled: frozen once, before the first of several updates
-            mb["old"] = logprobs_of(model, mb)[0] if cfg.num_iterations > 1 else None
-            mb["ref"] = logprobs_of(ref_model, mb)[0] if ref_model is not None else None
-
-    num_tokens = sum(int(mb["completion_mask"].sum()) for mb in micro_batches)
-    metrics["num_tokens"] = num_tokens
-    optimizer.zero_grad(set_to_none=True)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    # sums stay on the device: one host sync per iteration (the grad norm), not several per micro-batch
+    metrics = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "num_tokens": 0,
+               "skipped": 0}
+    if not batch:  # every row was filtered out
+        return {**metrics, "skipped": 1}
+    def logprobs_of(policy, mb):  # [B, L] log-probs at the sampling temperature
+        return completion_logprobs(policy, mb.tokens, mb.attention_mask, mb.completion_mask, mb.prompt_len,
+                                   cfg.temperature, vocab_limit, cfg.logprob_chunk)[0]
+    with torch.no_grad():  # pi_old is the policy that sampled: frozen once, before the first of several steps
+        for mb in batch:
+            mb.old_logprobs = logprobs_of(model, mb) if cfg.num_iterations > 1 else None
+            mb.ref_logprobs = logprobs_of(ref_model, mb) if ref_model is not None else None
+    num_tokens = sum(int(mb.completion_mask.sum()) for mb in batch)
+    device = batch[0].tokens.device
+    # sums stay on the device: one host sync per step (the grad norm), not several per micro-batch
     totals = {name: torch.zeros((), device=device) for name in ("loss", "clip_frac", "kl", "entropy")}
     grad_norms = []
+    optimizer.zero_grad(set_to_none=True)
     for iteration in range(cfg.num_iterations):
-        for mb in micro_batches:
-            logprobs, entropy = logprobs_of(model, mb)
-            # with one update, old == current: ratio exactly 1, gradient = REINFORCE's -A grad(logp)
-            old = mb["old"] if mb["old"] is not None else logprobs.detach()
-            loss_tokens, clipped = clipped_policy_loss(logprobs, old, mb["advantages"], cfg.clip_eps_low,
-                                                       cfg.clip_eps_high)                      # [b, L]
-            if mb["ref"] is not None:
-                kl = k3_kl(logprobs, mb["ref"])                                            # [b, L]
-                loss_tokens = loss_tokens + cfg.beta * kl
-                totals["kl"] += (kl.detach() * mb["completion_mask"]).sum() / num_tokens
-            loss = (loss_tokens * mb["weights"]).sum()    # this micro-batch's exact share of the batch loss
+        for mb in batch:
+            loss, sums = policy_loss(model, mb, cfg, vocab_limit)
             loss.backward()
             totals["loss"] += loss.detach()
-            totals["clip_frac"] += (clipped & mb["completion_mask"]).sum() / num_tokens
-            totals["entropy"] += (entropy * mb["completion_mask"]).sum() / num_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)   # norm before clipping
-        grad_norms.append(grad_norm.item())
+            for name, value in sums.items():
+                totals[name] += value / num_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norms.append(grad_norm.item())  # the norm before clipping
         if not (math.isfinite(grad_norms[-1]) and torch.isfinite(totals["loss"]).item()):
             optimizer.zero_grad(set_to_none=True)   # never let NaN/inf reach the weights
             metrics["skipped"] = 1
             break
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    for name, total in totals.items():              # per-iteration averages
+    for name, total in totals.items():              # per-step averages
         metrics[name] = total.item() / len(grad_norms)
-    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    return metrics
+    return {**metrics, "grad_norm": sum(grad_norms) / len(grad_norms), "num_tokens": num_tokens}

@@ -201,6 +201,16 @@ def countdown_reward_details(response, nums, target):
     return CORRECT_REWARD, "correct"
 
 
+def reward(response, problem):
+    """The entry point every caller uses: (reward, reason) for one response to one countdown.Problem."""
+    return countdown_reward_details(response, problem.nums, problem.target)
+
+
+def is_correct(reason):
+    """Accuracy counts fully correct answers only, never the format credit."""
+    return reason == "correct"
+
+
 def countdown_reward(response, nums, target):
     """TinyZero's Countdown reward: 1.0 correct, 0.1 answer present but wrong, 0.0 no answer."""
     return countdown_reward_details(response, nums, target)[0]

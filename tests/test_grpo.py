@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import grpo
 from grpo import GRPOConfig
+from model import generate
 
 STOP, PAD, VOCAB = 10, 0, 11
 
@@ -42,13 +43,21 @@ COMPLETIONS = [[1, 2, STOP], [3, STOP], [4, 5, 6, 7], [2, STOP],
 REWARDS = [1.0, 0.0, 0.1, 1.0, 0.0, 1.0, 0.0, 0.0]
 
 
+def grpo_step(model, optimizer, prompts, completions, rewards, cfg, ref_model=None, vocab_limit=None):
+    """train.py's RL step from rewards on: advantages, micro-batches, update."""
+    G, rewards = cfg.group_size, torch.tensor(rewards, dtype=torch.float32)
+    advantages = grpo.group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps)
+    batch = grpo.micro_batches(grpo.per_row(prompts, G), completions, rewards, advantages, cfg, PAD, [STOP])
+    return grpo.update(model, optimizer, batch, cfg, ref_model, vocab_limit)
+
+
 def run_step(model=None, prompts=PROMPTS, completions=COMPLETIONS, rewards=REWARDS, ref_model=None, **cfg_kwargs):
-    """One grpo_step with plain SGD(lr=1) and no grad clipping: -(weight change) == the gradient."""
+    """One GRPO step with plain SGD(lr=1) and no grad clipping: -(weight change) == the gradient."""
     model = model if model is not None else TinyLM()
     cfg = GRPOConfig(**{"group_size": 4, "max_new_tokens": 6, "max_grad_norm": 0.0, **cfg_kwargs})
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    metrics = grpo.grpo_step(model, opt, prompts, completions, rewards, cfg, PAD, [STOP], ref_model=ref_model)
+    metrics = grpo_step(model, opt, prompts, completions, rewards, cfg, ref_model=ref_model)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return metrics, before - after
 
@@ -236,9 +245,9 @@ def test_micro_batching_does_not_change_loss_or_gradient(loss_agg):
 
 def test_drop_uniform_groups():
     rewards = [1.0, 0.0, 0.1, 1.0, 0.5, 0.5, 0.5, 0.5]        # group 2 is uniform: A = 0
+    assert grpo.uniform_groups(torch.tensor(rewards), 4).tolist() == [False, True]
     metrics_keep, update_keep = run_step(rewards=rewards)
     metrics_drop, update_drop = run_step(rewards=rewards, drop_uniform_groups=True)
-    assert metrics_keep["zero_adv_frac"] == metrics_drop["zero_adv_frac"] == 0.5
     assert metrics_keep["num_tokens"] == 24 and metrics_drop["num_tokens"] == 11
     # dapo: group 2 adds no gradient, only tokens to the normaliser -> update scales by 24 / 11
     assert torch.allclose(update_drop, update_keep * 24 / 11, atol=1e-6)
@@ -254,7 +263,9 @@ def test_mask_truncated():
     other[2], other[5] = [9, 9], [1, 1, 1]
     masked_a, update_a = run_step(mask_truncated=True)
     masked_b, update_b = run_step(completions=other, mask_truncated=True)
-    assert masked_a["num_tokens"] == 24 - 4 - 5 and masked_a["truncated_frac"] == 0.25
+    assert masked_a["num_tokens"] == 24 - 4 - 5
+    assert [grpo.is_truncated(c, {STOP}) for c in COMPLETIONS] == [False, False, True, False,
+                                                                   False, True, False, False]
     assert torch.allclose(update_a, update_b, atol=1e-7)
     _, plain_a = run_step()
     _, plain_b = run_step(completions=other)
@@ -267,25 +278,15 @@ def test_non_finite_loss_skips_step_and_keeps_weights():
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cfg = GRPOConfig(group_size=4, max_new_tokens=6)
-    metrics = grpo.grpo_step(model, opt, PROMPTS, COMPLETIONS, REWARDS, cfg, PAD, [STOP])
+    metrics = grpo_step(model, opt, PROMPTS, COMPLETIONS, REWARDS, cfg)
     assert metrics["skipped"] == 1 and not math.isfinite(metrics["loss"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert len(opt.state) == 0 and all(p.grad is None for p in model.parameters())
 
 
-def test_metrics_and_bad_inputs():
-    metrics, _ = run_step()
-    assert metrics["reward_mean"] == pytest.approx(sum(REWARDS) / 8)
-    assert metrics["accuracy"] == pytest.approx(3 / 8)           # reward == 1.0 without `correct`
-    assert metrics["response_length"] == pytest.approx(24 / 8)
-    assert metrics["zero_adv_frac"] == 0.0 and metrics["truncated_frac"] == 0.25
-    model = TinyLM()
-    cfg = GRPOConfig(group_size=4, max_new_tokens=6)
-    correct = [True, False, False, False, False, False, False, False]
-    metrics = grpo.grpo_step(model, torch.optim.SGD(model.parameters(), lr=0.0), PROMPTS, COMPLETIONS, REWARDS,
-                             cfg, PAD, [STOP], correct=correct)
-    assert metrics["accuracy"] == pytest.approx(1 / 8)           # `correct` wins over reward == 1.0
+def test_per_row_layout_and_bad_inputs():
+    assert grpo.per_row(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
     with pytest.raises(ValueError, match="group_size"):
         run_step(completions=COMPLETIONS[:7], rewards=REWARDS[:7])
     with pytest.raises(ValueError, match="NaN"):
@@ -320,15 +321,26 @@ def test_transformer_left_padding_and_micro_batching_give_the_same_update():
         assert torch.allclose(update, updates[0], atol=1e-6)
 
 
-def test_rollout_shapes_grouping_and_seed():
+def rollout(model, prompts, cfg, seed):
+    return generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    stop_ids=[STOP], seed=seed, num_samples=cfg.group_size, vocab_limit=12)
+
+
+def test_rollout_rows_follow_per_row_layout():
+    """generate(num_samples=G) returns rows in per_row's layout: row i continues prompts[i // G]. Checked by
+    greedy decoding (all G samples of a prompt then agree) of two prompts with different continuations."""
     model = tiny_transformer()
-    cfg = GRPOConfig(group_size=4, max_new_tokens=5)
+    cfg = GRPOConfig(group_size=4, max_new_tokens=5, temperature=1.0)
     prompts = [[1, 2, 3], [4, 5]]
-    completions = grpo.rollout(model, prompts, cfg, stop_ids=[STOP], vocab_limit=12, seed=3)
+    completions = rollout(model, prompts, cfg, seed=3)
     assert len(completions) == 8
     assert all(1 <= len(c) <= 5 and max(c) < 12 for c in completions)
     assert all(len(c) == 5 or c[-1] == STOP for c in completions)   # stopped rows keep their stop id
-    assert completions == grpo.rollout(model, prompts, cfg, stop_ids=[STOP], vocab_limit=12, seed=3)
+    assert completions == rollout(model, prompts, cfg, seed=3)
+    greedy = generate(model, prompts, 5, temperature=0.0, stop_ids=[STOP], num_samples=4, vocab_limit=12)
+    alone = [generate(model, [p], 5, temperature=0.0, stop_ids=[STOP], vocab_limit=12)[0] for p in prompts]
+    assert alone[0] != alone[1]
+    assert greedy == grpo.per_row(alone, 4)
 
 
 def test_grpo_learns_a_toy_task():
@@ -340,15 +352,14 @@ def test_grpo_learns_a_toy_task():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
 
     def success_rate(seed):
-        samples = grpo.rollout(model, prompts * 8, cfg, [STOP], vocab_limit=12, seed=seed)
+        samples = rollout(model, prompts * 8, cfg, seed=seed)
         return sum(7 in c for c in samples) / len(samples)
 
     before = success_rate(seed=1000)
     for step in range(25):
-        completions = grpo.rollout(model, prompts, cfg, [STOP], vocab_limit=12, seed=step)
+        completions = rollout(model, prompts, cfg, seed=step)
         rewards = [float(7 in c) for c in completions]
-        metrics = grpo.grpo_step(model, optimizer, prompts, completions, rewards, cfg, PAD, [STOP],
-                                 vocab_limit=12)
+        metrics = grpo_step(model, optimizer, prompts, completions, rewards, cfg, vocab_limit=12)
         assert metrics["skipped"] == 0
     after = success_rate(seed=1000)
     print(f"toy task success rate {before:.2f} -> {after:.2f}")

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import cli
 import grpo
 import train
 from model import ModelConfig, Transformer, load_safetensors, save_hf
@@ -76,16 +77,47 @@ def test_main_turns_bad_input_into_one_line():
         train.main(["--lrr=1"])
 
 
-def test_help_lists_every_field_with_its_default_and_comment(capsys):
+def test_help_lists_every_field_with_its_default_and_help_and_the_presets(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     text = capsys.readouterr().out
     for cls in (train.Config, grpo.GRPOConfig):
-        comments = train.field_comments(cls)
         for f in dataclasses.fields(cls):
             line = next((l for l in text.splitlines() if l.strip().startswith(f"--{f.name}=")), None)
             assert line is not None, f"--help does not list {f.name}"
-            assert train.show(f.default) in line and comments[f.name] in line
+            assert cli.show(f.default) in line and f.metadata["help"] in line
+    qwen = next(l for l in text.splitlines() if l.strip().startswith("qwen "))
+    assert "--lr=1e-06" in qwen and "--max_new_tokens=1024" in qwen
+
+
+def test_run_preset_is_chosen_by_path_and_can_be_named():
+    assert train.resolve_config({}, "cpu")[0].run_preset == "cpu"
+    cfg, _ = train.resolve_config({}, "cuda")
+    assert cfg.run_preset == "gpu" and cfg.dim == 384
+    cfg, gcfg = train.resolve_config({"run_preset": "gpu", "dim": 256}, "cpu")
+    assert (cfg.dim, cfg.n_layers, gcfg.micro_batch_size) == (256, 6, 128)   # the command line still wins
+    with pytest.raises(ValueError, match="--run_preset=big: choose auto, cpu, qwen, gpu"):
+        train.resolve_config({"run_preset": "big"}, "cpu")
+
+
+def test_the_other_argument_forms():
+    assert train.parse_args(["--lr", "0.5", "--num-range", "2", "30", "--resume", "--progress=no"]) == \
+        {"lr": 0.5, "num_range": (2, 30), "resume": True, "progress": False}
+    with pytest.raises(ValueError, match="--lr needs a value"):
+        train.parse_args(["--lr"])
+
+
+def test_rollout_metrics_by_hand():
+    """Two groups of two: rewards 1, 0.1 | 0, 0; one response is truncated (no stop id), one is long."""
+    rewards = torch.tensor([1.0, 0.1, 0.0, 0.0])
+    texts = ["<think>x</think><answer>1</answer>", "<answer>2</answer>", "", "<answer>"]
+    completions = [[1, 2, 9], [3, 9], [9], [4, 4, 4, 4]]
+    reasons = ["correct", "wrong_value", "no_answer", "no_answer"]
+    m = train.rollout_metrics(rewards, reasons, texts, completions, stop_ids={9}, group_size=2)
+    assert m["reward_mean"] == pytest.approx(1.1 / 4)
+    assert m["reward_std"] == pytest.approx(((1 - 0.275) ** 2 + (0.1 - 0.275) ** 2 + 2 * 0.275 ** 2) ** 0.5 / 2)
+    assert (m["accuracy"], m["response_length"], m["truncated_frac"]) == (0.25, 2.5, 0.25)
+    assert (m["zero_adv_frac"], m["long_frac"]) == (0.5, 0.25)
 
 
 # -----------------------------------------------------------------------------
