@@ -1,8 +1,8 @@
 """
 Benchmark model.py's sampler and loader (a script, not a test).
 
-    python bench.py            # batch 1, 16, 64; 128 new tokens; HF comparison and load-memory check
-    python bench.py --quick    # batch 1 and 16, 32 new tokens: a minute on a laptop CPU
+    python bench.py              # batch 1, 16, 64; 128 new tokens; HF comparison and load-memory check
+    python bench.py --quick      # batch 1 and 16, 32 new tokens: a minute on a laptop CPU
 
 Workload: a random 512-dim, 8-layer Qwen2 (8 heads, 2 kv heads) with Qwen's 151,936-row vocabulary, float32 on
 CPU and bfloat16 on CUDA. Prompts of --prompt-len tokens, temperature 1.0 sampling, no stop ids (every row makes
@@ -13,32 +13,39 @@ the ratio ours/theirs is printed. Finally load_qwen's peak resident memory is me
 divided by the checkpoint's size on disk (1.0 = the weights held exactly once).
 Timings on a shared machine are noisy: each number is the best of --repeats runs.
 """
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
+from cli import opt, parse
 from model import ModelConfig, Transformer, generate, save_hf
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--quick", action="store_true", help="batch 1 and 16, 32 new tokens, one repeat")
-parser.add_argument("--batch-sizes", type=str, default="1,16,64", help="comma-separated batch sizes")
-parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
-parser.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens")
-parser.add_argument("--repeats", type=int, default=2, help="timing repeats (the best is kept)")
-parser.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0 = torch's default); on a CPU shared with other jobs use 1, since "
-                         "oversubscribed OpenMP threads can make every matmul 10-50x slower")
-parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-parser.add_argument("--no-load", action="store_true", help="skip the load_qwen memory measurement")
-args = parser.parse_args()
+
+@dataclass
+class BenchConfig:
+    quick: bool = opt(False, "batch 1 and 16, 32 new tokens, one repeat")
+    batch_sizes: tuple = opt((1, 16, 64), "comma-separated batch sizes")
+    new_tokens: int = opt(128, "tokens generated per row")
+    prompt_len: int = opt(64, "prompt length in tokens")
+    repeats: int = opt(2, "timing repeats (the best is kept)")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default); on a CPU shared with other jobs use 1, since "
+                          "oversubscribed OpenMP threads can make every matmul 10-50x slower")
+    no_hf: bool = opt(False, "skip the transformers comparison")
+    no_load: bool = opt(False, "skip the load_qwen memory measurement")
+
+
+try:
+    args = BenchConfig(**parse(sys.argv[1:], [BenchConfig], __doc__.strip().split("\n\n")[1]))
+except ValueError as e:
+    raise SystemExit(f"bench.py: {e}") from None
 if args.quick:
-    args.batch_sizes, args.new_tokens, args.repeats = "1,16", 32, 1
+    args.batch_sizes, args.new_tokens, args.repeats = (1, 16), 32, 1
 
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -87,7 +94,7 @@ if not args.no_hf:
     except ImportError:
         print("transformers not installed: skipping the comparison")
 
-for batch in [int(b) for b in args.batch_sizes.split(",")]:
+for batch in args.batch_sizes:
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, 151643, (batch, args.prompt_len), generator=g)
     runs = {"ours": lambda n: generate(model, prompts.tolist(), n, temperature=1.0, seed=0)}
