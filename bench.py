@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from cli import opt, parse
-from model import ModelConfig, Transformer, generate, save_hf
+from hf_io import save_hf
+from model import ModelConfig, Transformer, generate
 
 
 @dataclass
@@ -119,13 +120,13 @@ for batch in args.batch_sizes:
 if not args.no_load:
     # peak RSS of load_qwen in a fresh process (VmHWM: ru_maxrss would inherit the parent's peak across fork),
     # minus what python + torch + model.py already hold after loading a tiny checkpoint once (code paths warm)
-    probe = ("import sys, torch, model\n"
+    probe = ("import sys, torch, model, hf_io\n"
              "def hwm(): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-             "model.save_hf(model.Transformer(model.ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2,"
+             "hf_io.save_hf(model.Transformer(model.ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2,"
              " n_kv_heads=1, ffn_dim=32)), sys.argv[2])\n"
-             "model.load_qwen(sys.argv[2])\n"
+             "hf_io.load_qwen(sys.argv[2])\n"
              "base = hwm()\n"
-             "m = model.load_qwen(sys.argv[1])\n"
+             "m = hf_io.load_qwen(sys.argv[1])\n"
              "print((hwm() - base) * 1024)\n")  # KiB -> bytes
     tiny_dir = os.path.join(tempfile.gettempdir(), f"bench_tiny_{os.getpid()}")
     peak = int(subprocess.run([sys.executable, "-c", probe, checkpoint_dir, tiny_dir],

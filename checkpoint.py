@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import torch
 
-from model import save_hf
+from hf_io import save_hf
 
 
 def write_run_config(directory, cfg, gcfg):

@@ -462,10 +462,8 @@ def short_demonstration(problem):
 # - Every pair value is followed by a copy of the line's need (",15"), so each verdict compares the two
 #   numbers right before it. Copying is easy for a transformer (an induction head, supervised on every
 #   digit); comparing a value with a need written a dozen characters back is not, and a model that cannot
-#   do it guesses "ok" from how close the two numbers are and where it is on the line. Measured with the
-#   default model after 4,000 warm-up steps with p_long 0.3 (one seed): without the copies it predicted 45%
-#   of the "ok"s (teacher-forced, held-out problems) and its forced-long answers were right on 15.5% of
-#   held-out problems; with them, 86% and 54.5%. The copies make the trace ~20% longer.
+#   do it guesses "ok" from how close the two numbers are and where it is on the line (README: what the
+#   copies changed, measured). They make the trace ~20% longer.
 # - Two passes over c: first every need but t*c, then the t*c lines. t*c is the only need that is a big
 #   product ("82*11=902", copied after every pair value), it is on the answer's path only when the answer
 #   ends "/c", and it was the most common arithmetic slip; last, most demonstrations never write it (the
@@ -483,10 +481,9 @@ def short_demonstration(problem):
 #   answer tag repeats it (the short form's answer is the same expression).
 # - A wrong fact off the solution path is mostly harmless (its line still ends "no"); only the facts on the
 #   path and the verification decide the reward. The hardest facts are products (a*b, t*c).
-# - Lengths (characters, integer-step problems, 2,000 drawn): 3 numbers 1-12, targets 1-100 (train.py's
-#   default): mean 183, p90 316, max 529 (over the whole space, 7 of 4,758 problems do not fit train.py's
-#   480-token warm-up rows and are skipped there); 3 numbers 1-20: mean 187, p90 356; 3-4 numbers 1-99:
-#   mean 319, p90 606. demonstration_lengths() measures.
+# - Lengths: demonstration_lengths() measures them (python countdown.py prints them per difficulty). At
+#   train.py's default difficulty almost every long demonstration fits its completion budget; the warm-up
+#   skips the few that do not.
 # ===========================================================================
 
 _OPS = ("+", "*", "-", "/")

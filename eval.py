@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 import countdown
 from cli import opt, parse, pick_device
-from model import generate, load_qwen
+from hf_io import load_qwen
+from model import generate
 from rewards import is_correct, reward
 from tokenizer import load_tokenizer
 
@@ -313,7 +314,8 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
     run_config = read_run_config(path)
     template, stop_ids = countdown.prompt_setup(tokenizer, cfg.template or run_config.get("template", "auto"),
                                                 run_config.get("init") == "scratch")
-    prompts = [(math_prompt if task == "math" else countdown.render_prompt)(item, template, tokenizer) for item in items]
+    render = math_prompt if task == "math" else countdown.render_prompt
+    prompts = [render(item, template, tokenizer) for item in items]
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     room = model.config.max_seq_len - max(len(p) for p in prompt_ids)
     if room < 1:

@@ -1,7 +1,7 @@
 """
-A Qwen2 decoder-only transformer written from scratch, its checkpoint I/O, and a KV-cached batched sampler.
+A Qwen2 decoder-only transformer written from scratch, its KV cache, and a batched sampler.
 
-Run nothing here directly: train.py, grpo.py and eval.py import it. `python bench.py` measures its speed.
+Run nothing here directly: train.py, grpo.py and eval.py import it, hf_io.py loads and saves it, bench.py times it.
 
 Architecture (identical to Hugging Face's Qwen2ForCausalLM, so Qwen2.5 checkpoints load by a prefix strip):
   - token embedding -> n_layers pre-norm blocks -> final RMSNorm -> lm_head (tied to the embedding or not)
@@ -15,21 +15,12 @@ Choices:
   - padding: attention_mask [B,T] (1 = real token) may pad on the left and/or the right. RoPE positions are
     counted over real tokens only (cumsum of the mask), so a padded row sees exactly the positions of its
     unpadded self. Every query may always see its own key, so rows of pure padding give finite junk, never NaN.
-  - KVCache owns all position state (filled length, per-row next position, key mask); the model keeps none.
-  - generate(): left-pads prompts, prefills each distinct prompt once, copies its cache into num_samples rows,
-    then decodes one token per step for all rows, dropping finished rows from the batch every few steps.
-  - sample_next_token: temperature, then top-p, then exact inverse-CDF sampling from an explicit generator.
-    generate(return_logprobs=True) gives log_softmax(logits / temperature) at each sampled token.
-  - safetensors are read and written with a few lines of struct/json (no safetensors package);
-    load_qwen reads each tensor from disk straight into its parameter, so peak memory is ~ the weights once.
-Checked against transformers' Qwen2ForCausalLM (tests/test_loader.py): identical logits in float32 and bfloat16,
-identical greedy generations.
+  - generate(): prefills each distinct prompt once, then decodes its num_samples rows with all others in one batch.
+  - sampling: temperature, then top-p, then one draw from an explicit generator. The fast sample_next_token
+    (exact inverse CDF) follows the plain sample_next_token_reference and is tested against it.
+Checked against transformers' Qwen2ForCausalLM (tests/test_loader.py): identical fp32 and bf16 logits and greedy output.
 Shape letters: B batch, T time, H query heads, H_kv key/value heads, D head dim, C model dim, V vocab.
 """
-import json
-import math
-import os
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +116,7 @@ def _qwen25(dim, n_layers, n_heads, ffn_dim):
 
 
 PRESETS = {
-    # from-scratch model that `python train.py` trains on a 2-core CPU: byte vocab, 2.97M parameters
+    # trained from scratch over the byte vocabulary (train.py --init=scratch narrows it with --dim/--n_layers)
     "small": ModelConfig(vocab_size=259, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688,
                          rope_theta=10000.0, norm_eps=1e-6, max_seq_len=512),
     "qwen2.5-0.5b": _qwen25(896, 24, 14, 4864),
@@ -218,7 +209,74 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, (B, H_kv, T_max, D) each: the kv heads only, never the expanded
+    query heads (8x smaller for Qwen2.5-3B). Owns all position state: `length` filled columns (the same for all
+    rows, since prompts are left-padded to a common length), `next_pos` (B,) the RoPE position of each row's
+    next real token, and `key_mask` (B, T_max) which cached columns are real tokens rather than padding."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.key_mask = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
+        self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.length = 0       # python int: no device sync to read it
+        self.padded = False   # True once any padding was written (then attention needs an explicit mask)
+
+    def record_keys(self, mask, T):
+        if self.length + T > self.key_mask.shape[1]:
+            raise ValueError(f"KVCache full: {self.length} + {T} tokens > max_len {self.key_mask.shape[1]}")
+        if mask is not None:
+            self.key_mask[:, self.length:self.length + T] = mask
+            self.padded = True
+
+    def update(self, layer_idx, k, v):
+        # write the new (B, H_kv, T, D) keys/values at the current column, return views of the filled part
+        end = self.length + k.shape[2]
+        self.keys[layer_idx][:, :, self.length:end] = k
+        self.values[layer_idx][:, :, self.length:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def advance(self, mask, T):
+        self.next_pos += T if mask is None else mask.sum(-1)
+        self.length += T
+
+    def select(self, rows):
+        """Keep (and repeat/reorder) batch rows in place: rows (B',) long. Copies only the filled columns."""
+        L = self.length
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):
+                new = old.new_zeros((len(rows),) + old.shape[1:])
+                new[:, :, :L] = old[rows, :, :L]
+                cache[i] = new
+        self.key_mask, self.next_pos = self.key_mask[rows], self.next_pos[rows]
+
+# -----------------------------------------------------------------------------
 # The model
+
+
+def make_attention_mask(mask, kv_cache, T, device):
+    """What each of the T new queries may attend to, built once for all layers -> (attn_mask, is_causal) for SDPA.
+    mask (B, T) bool or None (True = real token); call after kv_cache.record_keys. Three cases:
+      - no padding and no cached prefix: no mask, is_causal (SDPA's built-in causal mask, the fastest kernels)
+      - padding (new or cached), or several new tokens after a cached prefix: an explicit (B, 1, T, T_k) boolean
+        mask, True = may attend: causal & real keys, | its own key (so a row of pure padding never gives NaN)
+      - one new token on an unpadded cache (plain decoding): no mask at all, it sees every cached key"""
+    start = 0 if kv_cache is None else kv_cache.length  # absolute column of the first new token
+    padded = mask is not None or (kv_cache is not None and kv_cache.padded)
+    if not padded and start == 0:
+        return None, T > 1
+    if not padded and T == 1:
+        return None, False
+    q_cols = torch.arange(start, start + T, device=device)[:, None]   # (T, 1) absolute columns
+    k_cols = torch.arange(start + T, device=device)[None, :]          # (1, T_k)
+    key_mask = mask if kv_cache is None else kv_cache.key_mask[:, :start + T]  # (B, T_k)
+    attn_mask = (k_cols <= q_cols)[None] & key_mask[:, None, :]       # (B, T, T_k) causal & real keys
+    return (attn_mask | (k_cols == q_cols)[None])[:, None], False     # (B, 1, T, T_k)
 
 
 class Transformer(nn.Module):
@@ -253,28 +311,16 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         device = tokens.device
         mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
-        # RoPE positions count real tokens only, so padding on either side leaves every real token's position
-        # unchanged. (RoPE scores depend only on relative position, so plain column indices would also be right
-        # up to rounding; counting gives a padded row exactly the cos/sin of its unpadded self.)
+        # RoPE positions count real tokens only, so a padded row gets exactly the cos/sin of its unpadded self
+        # (scores depend only on relative position, so plain column indices would agree only up to rounding)
         if mask is None:
             positions = torch.arange(T, device=device).expand(B, T)                # (B, T)
         else:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                  # (B, T)
-        start = 0 if kv_cache is None else kv_cache.length  # absolute column of tokens[:, 0]
         if kv_cache is not None:
             positions = positions + kv_cache.next_pos[:, None]
             kv_cache.record_keys(mask, T)  # mark which of the new keys are real
-        # Attention mask, built once for all layers: True = may attend. Cases that need none use faster kernels.
-        padded = mask is not None or (kv_cache is not None and kv_cache.padded)
-        is_causal, attn_mask = False, None
-        if not padded and start == 0:
-            is_causal = T > 1                                         # plain causal self-attention
-        elif padded or T > 1:
-            q_cols = torch.arange(start, start + T, device=device)[:, None]   # (T, 1) absolute columns
-            k_cols = torch.arange(start + T, device=device)[None, :]          # (1, T_k)
-            key_mask = mask if kv_cache is None else kv_cache.key_mask[:, :start + T]  # (B, T_k)
-            attn_mask = (k_cols <= q_cols)[None] & key_mask[:, None, :]       # (B, T, T_k) causal & real keys
-            attn_mask = (attn_mask | (k_cols == q_cols)[None])[:, None]       # (B, 1, T, T_k); own key: no NaN
+        attn_mask, is_causal = make_attention_mask(mask, kv_cache, T, device)
         cos, sin = rope_cos_sin(positions, self.config, self.embed_tokens.weight.dtype)
         x = self.embed_tokens(tokens)                                         # (B, T, C)
         for layer in self.layers:
@@ -291,59 +337,21 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(tokens, kv_cache, attention_mask))
 
 # -----------------------------------------------------------------------------
-# KV cache
+# Sampling: the plain reference versions first, then the fast ones that generate() uses (tested against them)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer, (B, H_kv, T_max, D) each: the kv heads only, never the expanded
-    query heads (8x smaller for Qwen2.5-3B). Owns all position state: `length` filled columns (the same for all
-    rows, since prompts are left-padded to a common length), `next_pos` (B,) the RoPE position of each row's
-    next real token, and `key_mask` (B, T_max) which cached columns are real tokens rather than padding."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.key_mask = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
-        self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
-        self.length = 0       # python int: no device sync to read it
-        self.padded = False   # True once any padding was written (then attention needs an explicit mask)
-
-    def reset(self):
-        self.key_mask.fill_(True)
-        self.next_pos.zero_()
-        self.length, self.padded = 0, False
-
-    def record_keys(self, mask, T):
-        if self.length + T > self.key_mask.shape[1]:
-            raise ValueError(f"KVCache full: {self.length} + {T} tokens > max_len {self.key_mask.shape[1]}")
-        if mask is not None:
-            self.key_mask[:, self.length:self.length + T] = mask
-            self.padded = True
-
-    def update(self, layer_idx, k, v):
-        # write the new (B, H_kv, T, D) keys/values at the current column, return views of the filled part
-        end = self.length + k.shape[2]
-        self.keys[layer_idx][:, :, self.length:end] = k
-        self.values[layer_idx][:, :, self.length:end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def advance(self, mask, T):
-        self.next_pos += T if mask is None else mask.sum(-1)
-        self.length += T
-
-    def select(self, rows):
-        """Keep (and repeat/reorder) batch rows in place: rows (B',) long. Copies only the filled columns."""
-        L = self.length
-        for cache in (self.keys, self.values):
-            for i, old in enumerate(cache):
-                new = old.new_zeros((len(rows),) + old.shape[1:])
-                new[:, :, :L] = old[rows, :, :L]
-                cache[i] = new
-        self.key_mask, self.next_pos = self.key_mask[rows], self.next_pos[rows]
-
-# -----------------------------------------------------------------------------
-# Sampling
+def sample_next_token_reference(logits, generator=None, temperature=1.0, top_p=1.0):
+    """logits (B, V) -> token ids (B,): the sampling rule, written plainly. temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)             # (B, V)
+    sorted_probs, ids = probs.sort(dim=-1, descending=True)             # (B, V) each, most likely first
+    if top_p < 1.0:
+        # top-p / nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose mass
+        # reaches top_p, i.e. drop a token when the tokens ranked above it already hold >= top_p (the top one stays)
+        sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p] = 0.0
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)    # (B, 1); renormalises the survivors
+    return ids.gather(-1, choice).squeeze(-1)
 
 
 def inverse_cdf(probs, u, block=1024):
@@ -367,7 +375,7 @@ def inverse_cdf(probs, u, block=1024):
 
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
-    """logits (B, V) -> token ids (B,). temperature 0 = argmax; randomness only from `generator`."""
+    """sample_next_token_reference's distribution, drawn faster: one float64 uniform per row from `generator`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
@@ -376,41 +384,32 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
     ids = None
     if top_p < 1.0:
         probs = probs / probs.sum(dim=-1, keepdim=True)                 # top-p compares normalised mass
-        # top-p / nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose mass
-        # reaches top_p, i.e. drop a token when the tokens ranked above it already hold >= top_p (the top one stays)
+        # top-p, the reference's rule: drop a token when the tokens ranked above it already hold >= top_p
         probs, ids = probs.sort(dim=-1, descending=True)                # (B, V) each
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
     # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64 inside the
-    # chosen block, so even 1e-10 probabilities keep their share). Exact, and several times cheaper on a 150k
-    # vocab than torch.multinomial, which draws one exponential per vocab entry. Scaling by the total
-    # renormalises the top-p survivors.
+    # chosen block, so even 1e-10 probabilities keep their share); exact, and cheaper on a large vocabulary than
+    # torch.multinomial, which draws one exponential per id. Scaling by the total renormalises top-p survivors.
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     choice = inverse_cdf(probs, u)                                      # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 def next_token_logits(model, h, vocab_limit=None):
-    """h (B, D) last hidden states -> float32 logits (B, V') over the ids < vocab_limit (all V when None)."""
-    weight = model.lm_head.weight[:vocab_limit]                          # (V', D)
+    """h (B, C) last hidden states -> float32 logits (B, V') over the ids < vocab_limit (all V when None)."""
+    weight = model.lm_head.weight[:vocab_limit]                          # (V', C)
     if h.device.type != "cpu":
-        return F.linear(h, weight).float()
-    # CPU: the same product as weight @ h^T in blocks of 2048 vocabulary rows, each block written transposed into
-    # the output. Each partial product stays in cache; at batch 16 this is ~1.5x faster than one h @ weight^T
-    # over a 150k vocabulary (measured on 2 cores), and that matmul is most of a decode step (bench.py).
+        return F.linear(h, weight).float()                               # the reference: one matmul
+    # CPU fast path, the same product as weight @ h^T in blocks of 2048 vocabulary rows, each block written
+    # transposed into the output: each partial product stays in cache, which beats one h @ weight^T over a 150k
+    # vocabulary on CPU, and that matmul is most of a decode step (bench.py measures both).
     logits = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32)  # (B, V')
     for start in range(0, weight.shape[0], 2048):
         logits[:, start:start + 2048] = (weight[start:start + 2048] @ h.t()).t()
     return logits
 
 
-@torch.inference_mode()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), seed=None,
-             num_samples=1, vocab_limit=None, return_logprobs=False):
-    """Sample num_samples completions of each prompt (lists of token ids). Returns the new tokens per row,
-    grouped by prompt (prompt 0's num_samples rows first); a row ends after its first stop id (kept) or after
-    max_new_tokens. With return_logprobs, also log_softmax(logits / temperature) at each sampled token, over the
-    ids < vocab_limit (what a training forward computes with lm_head.weight[:vocab_limit]); top_p changes what
-    can be sampled, not this number. At temperature 0 it is the plain log_softmax(logits) of the argmax token."""
+def check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_samples, vocab_limit):
     V = model.config.vocab_size
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts (lists of token ids)")
@@ -419,48 +418,54 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                          f"{temperature}, {top_p}, {num_samples}, {max_new_tokens}")
     if vocab_limit is not None and not 0 < vocab_limit <= V:
         raise ValueError(f"vocab_limit must be in 1..{V} (the model's vocab_size), got {vocab_limit}")
-    lengths = [len(p) for p in prompts]
-    P, G, T0 = len(prompts), num_samples, max(lengths)
+    T0 = max(len(p) for p in prompts)
     if T0 + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"longest prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_seq_len {model.config.max_seq_len}; shorten one of them")
     if max(max(p) for p in prompts) >= V or min(min(p) for p in prompts) < 0:
         raise ValueError(f"prompt token ids must lie in 0..{V - 1}")
-    weight = model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), seed=None,
+             num_samples=1, vocab_limit=None):
+    """Sample num_samples completions of each prompt (lists of token ids) -> the new tokens of each row (layout: step
+    3), ending after its first stop id (kept) or max_new_tokens. Only ids < vocab_limit (all if None) are sampled."""
+    # 1. validate
+    check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_samples, vocab_limit)
+    lengths = [len(p) for p in prompts]
+    P, G, T0 = len(prompts), num_samples, max(lengths)
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        # left-pad the prompts so every row's last prompt token sits in the same (last) column
-        tokens = torch.zeros(P, T0, dtype=torch.long)
-        mask = torch.zeros(P, T0, dtype=torch.bool)
+        # 2. left-pad so every row's last prompt token sits in the same (last) column; prefill each prompt once
+        tokens = torch.zeros(P, T0, dtype=torch.long)                    # (P, T0)
         for i, p in enumerate(prompts):
             tokens[i, T0 - len(p):] = torch.tensor(p)
-            mask[i, T0 - len(p):] = True
+        mask = torch.arange(T0) >= T0 - torch.tensor(lengths)[:, None]  # (P, T0) True on the real tokens
         pin = device.type == "cuda"  # pinned host memory lets the copy run asynchronously
         tokens = (tokens.pin_memory() if pin else tokens).to(device, non_blocking=pin)
         mask = None if min(lengths) == T0 else (mask.pin_memory() if pin else mask).to(device, non_blocking=pin)
-        # prefill each distinct prompt once, then copy its cache (and last logits) into its G sample rows
         kv_cache = KVCache(model.config, P, T0 + max_new_tokens, device, dtype)
         # logits only over ids < vocab_limit, so ids past it (Qwen's untrained padding rows) are never sampled
         logits = next_token_logits(model, model.hidden_states(tokens, kv_cache, mask)[:, -1], vocab_limit)  # (P, V')
+        # 3. copy each prompt's cache and last logits into its G sample rows. The output layout, defined here
+        # only: B = P * G rows, prompt 0's G rows first, then prompt 1's, ...
         if G > 1:
-            rows = torch.arange(P, device=device).repeat_interleave(G)  # (P*G,) = 0,0,..,1,1,..
+            rows = torch.arange(P, device=device).repeat_interleave(G)  # (B,) = 0,0,..,1,1,..
             kv_cache.select(rows)
-            logits = logits[rows]                                        # (B, V)
+            logits = logits[rows]                                        # (B, V')
         B = P * G
         out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)  # (B, max_new)
-        out_logprobs = torch.zeros(B, max_new_tokens, device=device)
         row_ids = torch.arange(B, device=device)    # which output row each active batch row writes
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        # 4. decode one token per step for every active row
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, generator, temperature, top_p)      # (B,)
             out[row_ids, step] = next_token
-            if return_logprobs:
-                logprobs = F.log_softmax(logits / (temperature or 1.0), dim=-1)        # (B, V')
-                out_logprobs[row_ids, step] = logprobs.gather(-1, next_token[:, None]).squeeze(-1)
             finished |= torch.isin(next_token, stop)
             if step == max_new_tokens - 1:
                 break
@@ -473,226 +478,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                     kv_cache.select(keep)
                     row_ids, next_token, finished = row_ids[keep], next_token[keep], finished[keep]
             logits = next_token_logits(model, model.hidden_states(next_token[:, None], kv_cache)[:, -1], vocab_limit)
-        # one transfer to the host, then cut every row after its first stop id
-        out, out_logprobs = out.tolist(), out_logprobs.tolist()
+        # 5. one transfer to the host, then cut each row after its first stop id (and so the -1 of dropped rows)
         stop_set = set(stop_ids)
-        completions, completion_logprobs = [], []
-        for row, row_logprobs in zip(out, out_logprobs):
-            # (rows dropped from the batch hold -1 after their stop id, so cutting at the stop removes those too)
-            n = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
-            completions.append(row[:n])
-            completion_logprobs.append(row_logprobs[:n])
+        completions = [row[:next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))]
+                       for row in out.tolist()]
     finally:
         model.train(was_training)
-    return (completions, completion_logprobs) if return_logprobs else completions
-
-# -----------------------------------------------------------------------------
-# safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}, and an
-# optional "__metadata__": {str: str}}, then the raw little-endian tensor bytes (offsets relative to their start)
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-def read_safetensors_header(path):
-    """-> (header dict without __metadata__, byte offset where tensor data starts). Validates every entry."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"safetensors file not found: {path}")
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 2 <= n <= file_size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {file_size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-            assert isinstance(header, dict)
-        except (ValueError, AssertionError):
-            raise ValueError(f"{path}: safetensors header is not a valid JSON object (corrupt file?)") from None
-    header.pop("__metadata__", None)
-    data_start, data_size = 8 + n, file_size - 8 - n
-    for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            numel = math.prod(entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: bad header entry for tensor {name!r}: {entry!r} (supported dtypes: "
-                             f"{', '.join(SAFETENSORS_DTYPES)})") from None
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise ValueError(f"{path}: tensor {name!r} has shape {entry['shape']} {entry['dtype']} but its "
-                             f"data_offsets span {end - begin} bytes")
-        if end > data_size:
-            raise ValueError(f"{path}: file is truncated: the header says tensor {name!r} ends at byte "
-                             f"{data_start + end} but the file has only {file_size} bytes (re-download it)")
-    return header, data_start
-
-
-def load_safetensors(path):
-    """-> {name: tensor}, memory-mapped (pages are read from disk on first touch; copy-on-write if modified)."""
-    header, data_start = read_safetensors_header(path)
-    file_size = os.path.getsize(path)
-    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=file_size)
-    data = torch.empty(0, dtype=torch.uint8).set_(storage)  # (file_size,) uint8 view of the mapping
-    tensors = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        raw = data[data_start + begin:data_start + end]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        if (data_start + begin) % dtype.itemsize:  # misaligned for this dtype: copy before reinterpreting
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).view(entry["shape"])
-    return tensors
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: tensor} as one safetensors file (atomically: a temp file renamed into place)."""
-    header, offset = {}, 0
-    # widest dtypes first keeps every tensor aligned to its element size, as the reference writer does
-    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors name")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so tensor data starts 8-byte aligned
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    os.replace(tmp, path)
-
-# -----------------------------------------------------------------------------
-# Hugging Face checkpoint directories
-
-
-def save_hf(model, directory, max_shard_bytes=5 * 10**9):
-    """Write config.json + model.safetensors, or shards model-0000i-of-0000N.safetensors plus
-    model.safetensors.index.json when the weights exceed max_shard_bytes. Loads in transformers as-is."""
-    os.makedirs(directory, exist_ok=True)
-    dtype = model.embed_tokens.weight.dtype
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
-    tensors = {("" if name == "lm_head.weight" else "model.") + name: t
-               for name, t in model.state_dict().items()
-               if not (name == "lm_head.weight" and model.config.tie_embeddings)}  # tied: HF re-ties on load
-    shards, size = [{}], 0  # greedy fill in module order
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name], size = t, size + nbytes
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for file, shard in zip(files, shards):
-        save_safetensors(shard, os.path.join(directory, file), metadata={"format": "pt"})  # HF requires "pt"
-    index_path = os.path.join(directory, "model.safetensors.index.json")
-    if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=2)
-    for stale in os.listdir(directory):  # weights from an earlier save would confuse loaders
-        if stale.startswith("model") and stale.endswith((".safetensors", ".index.json")) and stale not in files \
-                and not (n > 1 and stale == "model.safetensors.index.json"):
-            os.remove(os.path.join(directory, stale))
-
-
-def entry_name(ours):
-    # our parameter name -> its name in a Hugging Face checkpoint (everything but lm_head lives under "model.")
-    return ours if ours == "lm_head.weight" else "model." + ours
-
-
-def load_qwen(path, device="cpu", dtype=None):
-    """Load a Hugging Face Qwen2 checkpoint directory (config.json + safetensors) into a Transformer in eval mode.
-    dtype=None keeps the checkpoint's dtype. Each tensor is read from disk straight into its parameter."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {path!r}; expected a Hugging Face model directory")
-    with open(config_path) as f:
-        config = ModelConfig.from_hf(json.load(f))
-    # which file holds which tensor
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError):
-            raise ValueError(f"{index_path} is not valid JSON with a 'weight_map'") from None
-        files = sorted(set(weight_map.values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weight_map, files = {}, ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r} "
-                                f"(only safetensors checkpoints are supported, not pytorch_model.bin)")
-    for file in files:
-        if not os.path.isfile(os.path.join(path, file)):
-            raise FileNotFoundError(f"shard {file!r} named in model.safetensors.index.json is missing from {path!r}")
-    found = {}  # our parameter name -> (file, header entry, data start)
-    for file in files:
-        header, data_start = read_safetensors_header(os.path.join(path, file))
-        for name, entry in header.items():
-            ours = name.removeprefix("model.")
-            if ours.endswith("rotary_emb.inv_freq"):  # old checkpoints store the RoPE table; we recompute it
-                continue
-            found[ours] = (file, entry, data_start)
-    # build without allocating (meta device), check names/shapes/dtypes, then allocate once on the target device
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = dict(model.named_parameters())  # named_parameters lists a tied weight once, as embed_tokens
-    if config.tie_embeddings:
-        found.pop("lm_head.weight", None)  # some tied checkpoints still store a copy; the embedding wins
-    for ours, (file, entry, _) in found.items():
-        if ours not in expected:
-            raise ValueError(f"unexpected tensor {entry_name(ours)!r} in {file} (not part of a Qwen2 model with "
-                             f"this config.json)")
-        param = expected[ours]
-        if list(entry["shape"]) != list(param.shape):
-            raise ValueError(f"tensor {entry_name(ours)!r} in {file} has shape {entry['shape']}, "
-                             f"expected {list(param.shape)} from config.json")
-        if not SAFETENSORS_DTYPES[entry["dtype"]].is_floating_point:
-            raise ValueError(f"tensor {entry_name(ours)!r} in {file} has dtype {entry['dtype']}, expected a float")
-    missing = [name for name in expected if name not in found]
-    if missing:
-        where = weight_map.get(entry_name(missing[0]), files[0] if len(files) == 1 else "every shard")
-        raise ValueError(f"tensor {entry_name(missing[0])!r} missing from {where} in {path!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if dtype is None:
-        dtype = SAFETENSORS_DTYPES[found["embed_tokens.weight"][1]["dtype"]]
-    model = model.to(dtype).to_empty(device=device)  # uninitialised memory: every byte is filled below
-    if config.tie_embeddings:  # to_empty gives the two modules separate tensors; share one again
-        model.lm_head.weight = model.embed_tokens.weight
-    # stream file by file, tensor by tensor, in file order: peak memory ~ the weights plus one tensor
-    params = dict(model.named_parameters())
-    for file in files:
-        entries = sorted(((e[2] + e[1]["data_offsets"][0], ours, e[1]) for ours, e in found.items() if e[0] == file))
-        with open(os.path.join(path, file), "rb", buffering=0) as f:
-            for offset, ours, entry in entries:
-                param, src_dtype = params[ours], SAFETENSORS_DTYPES[entry["dtype"]]
-                direct = param.device.type == "cpu" and src_dtype == param.dtype  # else: stage one tensor on CPU
-                buf = param.data if direct else torch.empty(param.shape, dtype=src_dtype)
-                f.seek(offset)
-                view = memoryview(buf.view(-1).view(torch.uint8).numpy())
-                while len(view):  # readinto may return fewer bytes than asked
-                    n = f.readinto(view)
-                    if not n:
-                        raise ValueError(f"{file}: unexpected end of file while reading {entry_name(ours)!r}")
-                    view = view[n:]
-                if not direct:
-                    param.data.copy_(buf)  # converts dtype and/or moves to the device
-    return model.eval()
-
-
-# the tokenizer lives in tokenizer.py; re-exported so `from model import load_tokenizer` works
-from tokenizer import load_tokenizer, byte_tokenizer  # noqa: E402,F401
+    return completions

@@ -34,6 +34,7 @@ import os
 import random
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -45,10 +46,11 @@ from tqdm import tqdm
 import countdown
 import grpo
 from checkpoint import checkpoint_dir, rng_state, save_checkpoint, set_rng_state, truncate_metrics
-from cli import opt, parse, pick_device
+from cli import opt, parse, pick_device, show
 from eval import greedy
 from memory import count_params, print_memory_estimate
-from model import PRESETS, Transformer, generate, load_qwen
+from hf_io import load_qwen
+from model import PRESETS, Transformer, generate
 from rewards import is_correct, reward
 from tokenizer import byte_tokenizer, load_tokenizer
 
@@ -146,9 +148,9 @@ def resolve_config(overrides, device, saved=None):
 
 
 def parse_args(argv):
-    notes = "Run presets (--run_preset):\n" + "\n".join(
-        f"  {name:<6} {' '.join(f'--{k}={v}' for k, v in preset.items()) or '(the defaults above)'}"
-        for name, preset in RUN_PRESETS.items())
+    notes = "Run presets (--run_preset):\n" + "\n".join(textwrap.fill(
+        " ".join(f"--{k}={show(v)}" for k, v in preset.items()) or "(the defaults above)", 116,
+        initial_indent=f"  {name:<6} ", subsequent_indent=" " * 9) for name, preset in RUN_PRESETS.items())
     return parse(argv, [Config, grpo.GRPOConfig], __doc__.strip().split("\n\n")[0], notes)
 
 # -----------------------------------------------------------------------------

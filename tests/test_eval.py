@@ -148,7 +148,7 @@ def test_cli_parsing():
 
 
 def save_model(directory, model, run_config):
-    from model import save_hf
+    from hf_io import save_hf
     from tokenizer import byte_tokenizer
     save_hf(model, directory)
     byte_tokenizer().save(directory)

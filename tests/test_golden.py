@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train
-from model import load_safetensors
+from hf_io import load_safetensors
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 RECORDED_WITH = "2.13"

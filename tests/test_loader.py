@@ -1,4 +1,4 @@
-"""Tests for model.py's checkpoint I/O: the safetensors reader/writer, save_hf/load_qwen round trips on tiny
+"""Tests for hf_io.py's checkpoint I/O: the safetensors reader/writer, save_hf/load_qwen round trips on tiny
 HF-layout directories the tests write themselves, the clear errors on broken checkpoints, and (when transformers
 is installed) exact agreement with Hugging Face's Qwen2ForCausalLM."""
 import dataclasses
@@ -9,7 +9,8 @@ import struct
 import pytest
 import torch
 
-from model import ModelConfig, Transformer, generate, load_qwen, load_safetensors, save_hf, save_safetensors
+from hf_io import load_qwen, load_safetensors, save_hf, save_safetensors
+from model import ModelConfig, Transformer, generate
 
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
 

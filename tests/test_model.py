@@ -1,5 +1,5 @@
 """Tests for model.py's transformer and sampler: each checks the fast path against a slower, obviously-correct one
-(a full forward without cache, a naive argmax loop, a row run alone, hand-worked probabilities)."""
+(a full forward without cache, a naive argmax loop, a row run alone, the reference sampler, exact probabilities)."""
 import dataclasses
 import math
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, KVCache, ModelConfig, Transformer, generate, next_token_logits, sample_next_token
+from model import (PRESETS, KVCache, ModelConfig, Transformer, generate, make_attention_mask, next_token_logits,
+                   sample_next_token, sample_next_token_reference)
 
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, rope_theta=10000.0,
                    max_seq_len=64)
@@ -168,16 +169,20 @@ def test_vocab_limit_ids_are_never_sampled():
     assert generate(model, [[1, 2]], 1, temperature=0, vocab_limit=10)[0][0] == logits[:10].argmax().item()
 
 
-@pytest.mark.parametrize("temperature,top_p,vocab_limit", [(0.7, 1.0, None), (0.0, 1.0, None), (1.3, 0.9, 50)])
-def test_logprobs_are_log_softmax_at_the_sampled_tokens(temperature, top_p, vocab_limit):
-    """Over the ids < vocab_limit (as grpo.py recomputes them), and unaffected by top_p."""
+@pytest.mark.parametrize("temperature,top_p,vocab_limit", [(0.7, 1.0, None), (1.3, 0.9, 50)])
+def test_generate_samples_each_token_with_sample_next_token_on_the_full_forward_logits(temperature, top_p, vocab_limit):
+    """Replay: every token generate() returns is what sample_next_token draws, with generate's seeded generator, from
+    the logits of a plain full forward over prompt + tokens so far (cut to vocab_limit), row after row in order."""
     model = tiny_model()
-    tokens, logprobs = generate(model, PROMPTS[:2], 6, temperature=temperature, top_p=top_p, seed=3,
-                                vocab_limit=vocab_limit, return_logprobs=True)
-    for prompt, new, lps in zip(PROMPTS, tokens, logprobs):
-        logits = model(torch.tensor([prompt + new]))[0, len(prompt) - 1:-1, :vocab_limit]
-        want = F.log_softmax(logits / (temperature or 1.0), -1).gather(-1, torch.tensor(new)[:, None])
-        assert lps == pytest.approx(want.squeeze(-1).tolist(), abs=1e-4)
+    out = generate(model, PROMPTS[:2], 6, temperature=temperature, top_p=top_p, seed=3, vocab_limit=vocab_limit,
+                   num_samples=2)
+    assert [len(row) for row in out] == [6] * 4
+    rows = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]  # the documented layout: prompt 0's samples first
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        logits = torch.stack([model(torch.tensor([p + new[:step]]))[0, -1, :vocab_limit] for p, new in zip(rows, out)])
+        replay = sample_next_token(logits, gen, temperature, top_p)
+        assert replay.tolist() == [new[step] for new in out]
 
 
 def test_generate_restores_train_mode_and_rejects_bad_input():
@@ -208,6 +213,64 @@ def test_sample_next_token_top_p_and_temperature():
     assert torch.allclose(counts / 4000, flat, atol=0.03) and not math.isclose(flat[0], 0.5, abs_tol=0.05)
 
 
+def exact_probs(logits, temperature, top_p, rule="above"):
+    """Worked in float64: softmax(logits / temperature), top-p, renormalised. rule "above" (the right one): drop a
+    token when the tokens ranked above it already hold >= top_p; "self" (an off-by-one): when it and those do."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    ranked, order = p.sort(-1, descending=True)
+    mass = ranked.cumsum(-1) - (ranked if rule == "above" else 0)
+    ranked = torch.where(mass >= top_p, 0.0, ranked)
+    return torch.zeros_like(p).scatter(-1, order, ranked / ranked.sum(-1, keepdim=True).clamp(min=1e-30))
+
+
+def chi_square(counts, probs, kept):
+    """Pearson's statistic of observed counts (R, V) against probabilities (R, V), over the ids in `kept`."""
+    expected = counts.sum(-1, keepdim=True) * probs
+    return ((counts - expected)[kept] ** 2 / expected[kept].clamp(min=1e-12)).sum().item()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_fast_and_reference_samplers_match_the_exact_distribution(temperature, top_p):
+    """20,000 draws per row on an 8-id vocabulary: both samplers' frequencies fit the exact probabilities and never
+    hit a dropped id, while the other temperature or the off-by-one top-p rule would be far off."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0],
+                           [0.3, 0.2, 0.1, 0.0, -0.1, -0.2, -0.3, -0.4],     # near uniform
+                           [4.0, 3.9, 0.0, -1.0, -2.0, -2.0, -5.0, -9.0]])  # two tokens hold almost all mass
+    n = 20000
+    want = exact_probs(logits, temperature, top_p)                        # (3, 8)
+    wrong = [exact_probs(logits, {1.0: 0.7, 0.7: 1.0}[temperature], top_p)]
+    if top_p < 1.0:
+        wrong.append(exact_probs(logits, temperature, top_p, rule="self"))
+    for sampler in (sample_next_token, sample_next_token_reference):
+        ids = sampler(logits.repeat_interleave(n, 0), torch.Generator().manual_seed(0), temperature, top_p)
+        counts = torch.stack([torch.bincount(row, minlength=8) for row in ids.view(3, n)]).double()  # (3, 8)
+        assert (counts[want == 0] == 0).all(), sampler.__name__
+        assert chi_square(counts, want, want > 0) < 60, sampler.__name__  # <= 21 dof: P(chi2 > 60) ~ 1e-5
+        assert all(chi_square(counts, w, want > 0) > 200 for w in wrong), sampler.__name__
+
+
+def test_sample_next_token_temperature_zero_is_argmax_for_both_samplers():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    for sampler in (sample_next_token, sample_next_token_reference):
+        assert torch.equal(sampler(logits, None, 0, 0.5), logits.argmax(-1))
+
+
+def test_attention_mask_cases():
+    cache = KVCache(TINY, 2, 8, "cpu", torch.float32)
+    assert make_attention_mask(None, None, 5, "cpu") == (None, True)      # no padding, no prefix: causal kernel
+    assert make_attention_mask(None, None, 1, "cpu") == (None, False)
+    cache.length = 3                                                     # as after a 3-token unpadded prefill
+    assert make_attention_mask(None, cache, 1, "cpu") == (None, False)   # plain decoding: sees every cached key
+    attn_mask, is_causal = make_attention_mask(None, cache, 2, "cpu")     # two new tokens after a prefix
+    assert not is_causal and attn_mask.shape == (2, 1, 2, 5)
+    assert attn_mask[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]
+    mask = torch.tensor([[False, True, True], [False, False, False]])    # row 1 is pure padding
+    attn_mask, _ = make_attention_mask(mask, None, 3, "cpu")
+    assert attn_mask[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    assert attn_mask[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]  # own key
+
+
 def test_inverse_cdf_matches_a_full_cumsum_and_never_picks_zero_mass():
     """The two-level inverse CDF (blocks, then ids inside the block) must pick the same id as one float64
     cumsum over the whole vocabulary, and never an id of zero probability (masked or padded ids)."""
@@ -228,15 +291,16 @@ def test_inverse_cdf_matches_a_full_cumsum_and_never_picks_zero_mass():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_next_token_logits_blocked_product_equals_one_matmul(dtype):
-    # The CPU path multiplies in blocks of 2,048 vocabulary rows; the plain h @ W^T over the kept rows is the oracle.
+def test_next_token_logits_blocked_product_equals_the_reference_matmul(dtype):
+    # The CPU path multiplies in blocks of 2,048 vocabulary rows; the reference (the non-CPU branch) is one
+    # F.linear over the kept rows. 5000 and 4500 are not multiples of 2048, so the last block is partial.
     config = ModelConfig(vocab_size=5000, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
     torch.manual_seed(0)
     model = Transformer(config).to(dtype)
     h = torch.randn(3, 32, dtype=dtype)
-    for vocab_limit in (None, 4500, 2048):
+    for vocab_limit in (None, 4500, 2048, 100):
         logits = next_token_logits(model, h, vocab_limit)
-        expected = (h.float() @ model.lm_head.weight[:vocab_limit].float().t())
+        expected = F.linear(h, model.lm_head.weight[:vocab_limit]).float()
         assert logits.dtype == torch.float32 and logits.shape == (3, vocab_limit or 5000)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert torch.allclose(logits, expected, atol=tol, rtol=tol)

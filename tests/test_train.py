@@ -14,7 +14,8 @@ import torch
 import cli
 import grpo
 import train
-from model import ModelConfig, Transformer, load_safetensors, save_hf
+from hf_io import load_safetensors, save_hf
+from model import ModelConfig, Transformer
 from tokenizer import bytes_to_unicode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,8 +87,9 @@ def test_help_lists_every_field_with_its_default_and_help_and_the_presets(capsys
             line = next((l for l in text.splitlines() if l.strip().startswith(f"--{f.name}=")), None)
             assert line is not None, f"--help does not list {f.name}"
             assert cli.show(f.default) in line and f.metadata["help"] in line
-    qwen = next(l for l in text.splitlines() if l.strip().startswith("qwen "))
-    assert "--lr=1e-06" in qwen and "--max_new_tokens=1024" in qwen
+    presets = " ".join(text.split("Run presets (--run_preset):")[1].split())
+    qwen = presets.split("qwen ")[1].split(" gpu ")[0]
+    assert "--lr=1e-06" in qwen and "--max_new_tokens=1024" in qwen and "--n_nums=3,4" in qwen
 
 
 def test_run_preset_is_chosen_by_path_and_can_be_named():
