@@ -57,17 +57,16 @@ config = ModelConfig(vocab_size=151936, dim=512, n_layers=8, n_heads=8, n_kv_hea
 torch.manual_seed(0)
 model = Transformer(config).to(device=device, dtype=dtype).eval()
 n_params = sum(p.numel() for p in model.parameters())
-print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, {n_params / 1e6:.1f}M parameters, "
-      f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, {n_params / 1e6:.1f}M parameters, prompt "
+      f"{args.prompt_len} tokens, {args.new_tokens} new tokens")
 
 
 def timed(fn):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work runs asynchronously
+    sync()
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 

@@ -15,11 +15,6 @@ import torch
 from hf_io import save_hf
 
 
-def write_run_config(directory, cfg, gcfg):
-    with open(os.path.join(directory, "run_config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), **dataclasses.asdict(gcfg)}, f, indent=2)
-
-
 def save_checkpoint(path, model, tok, cfg, gcfg, state=None):
     """Model (HF layout) + tokenizer + run_config.json (+ state.pt), written into path.tmp and swapped in, so
     a kill at any moment leaves either the old or the new directory complete (never a half-written one)."""
@@ -27,7 +22,8 @@ def save_checkpoint(path, model, tok, cfg, gcfg, state=None):
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp)
     tok.save(tmp)
-    write_run_config(tmp, cfg, gcfg)
+    with open(os.path.join(tmp, "run_config.json"), "w") as f:
+        json.dump({**dataclasses.asdict(cfg), **dataclasses.asdict(gcfg)}, f, indent=2)
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))
     if os.path.isdir(path):
@@ -35,6 +31,18 @@ def save_checkpoint(path, model, tok, cfg, gcfg, state=None):
         os.replace(path, old)  # two renames: between them only path.old exists, which load_checkpoint accepts
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_run_config(path):
+    """train.py's run_config.json of a model directory, or {} for a plain Hugging Face directory."""
+    file = os.path.join(path, "run_config.json")
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"could not read {file}: {e}") from None
 
 
 def checkpoint_dir(out_dir):

@@ -45,20 +45,15 @@ def parse_value(key, text, default):
         raise ValueError(f"--{key}={text}: expected {kind} (the default is {default!r})") from None
 
 
-def print_help(usage, classes, notes=""):
-    print(usage.strip() + "\n\nOptions:")
-    for cls in classes:
-        for f in dataclasses.fields(cls):
-            print(f"  {'--' + f.name + '=' + show(f.default):<32} {f.metadata.get('help', '')}")
-    if notes:
-        print("\n" + notes.strip())
-
-
 def parse(argv, classes, usage, notes=""):
     """argv -> {field name: typed value} over the fields of the given dataclasses (names must be unique)."""
     defaults = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
-        print_help(usage, classes, notes)
+        print(usage.strip() + "\n\nOptions:")
+        for f in (f for cls in classes for f in dataclasses.fields(cls)):
+            print(f"  {'--' + f.name + '=' + show(f.default):<32} {f.metadata.get('help', '')}")
+        if notes:
+            print("\n" + notes.strip())
         raise SystemExit(0)
     overrides, i = {}, 0
     while i < len(argv):

@@ -3,8 +3,6 @@
 Countdown: given 3-4 numbers and a target, write an arithmetic expression with + - * / and parentheses that
 uses every number exactly once and equals the target, e.g. [3, 5, 7] -> 22: (3*5)+7.
 
-    python countdown.py          # prints prompts, demonstrations, generator speed and long-form lengths
-
 What is here, top to bottom:
 1. Problem, with TinyZero's JSON field names {"nums": [...], "target": N}; JSONL load/save.
 2. solve(nums, target): exhaustive search with exact rational arithmetic (true division is allowed, as in
@@ -281,10 +279,6 @@ def problem_bucket(nums, target):
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % N_BUCKETS
 
 
-def is_test_problem(problem):
-    return problem_bucket(problem.nums, problem.target) < TEST_BUCKETS
-
-
 def _check_knobs(n_nums, num_range, target_range, split):
     n_nums = (n_nums, n_nums) if _is_int(n_nums) else tuple(n_nums)
     if len(n_nums) != 2 or not 2 <= n_nums[0] <= n_nums[1] <= 6:
@@ -386,10 +380,8 @@ def base_prompt(problem):
 def chat_messages(problem):
     """System + user turns for instruct models. Render with tokenizer.chat_template(messages) and append
     ASSISTANT_PREFILL (GRPO-Zero / nano-aha-moment pre-fill the assistant turn the same way)."""
-    return [
-        {"role": "system", "content": SYSTEM_MESSAGE},
-        {"role": "user", "content": USER_TEMPLATE.format(numbers=list(problem.nums), target=problem.target)},
-    ]
+    return [{"role": "system", "content": SYSTEM_MESSAGE},
+            {"role": "user", "content": USER_TEMPLATE.format(numbers=list(problem.nums), target=problem.target)}]
 
 
 def compact_prompt(problem):
@@ -481,13 +473,9 @@ def short_demonstration(problem):
 #   answer tag repeats it (the short form's answer is the same expression).
 # - A wrong fact off the solution path is mostly harmless (its line still ends "no"); only the facts on the
 #   path and the verification decide the reward. The hardest facts are products (a*b, t*c).
-# - Lengths: demonstration_lengths() measures them (python countdown.py prints them per difficulty). At
-#   train.py's default difficulty almost every long demonstration fits its completion budget; the warm-up
-#   skips the few that do not.
+# - Lengths: at train.py's default difficulty almost every long demonstration fits its completion budget
+#   (tests/test_countdown.py measures); the warm-up skips the few that do not.
 # ===========================================================================
-
-_OPS = ("+", "*", "-", "/")
-
 
 def _pair_facts(a, b):
     """Values of a op b for a >= b in the fixed op order: [(expression, value)], non-negative ints only."""
@@ -600,37 +588,9 @@ def long_demonstration(problem):
 # ===========================================================================
 
 
-def demonstration(problem, long):
-    """The long (chain of thought) or short (answer only) demonstration for a problem."""
-    return long_demonstration(problem) if long else short_demonstration(problem)
-
-
 def sample_demonstration(problem, p_long, rng):
     """A long demonstration with probability p_long, else a short one (the paper's mixture D(p_cot)).
     rng: a random.Random (or anything with .random())."""
     if not 0.0 <= p_long <= 1.0:
         raise ValueError(f"p_long must be a probability in [0, 1], got {p_long}")
-    return demonstration(problem, long=rng.random() < p_long)
-
-
-def demonstration_lengths(problems):
-    """{"short": [...], "long": [...]} lengths in characters (= byte tokens for the small model)."""
-    return {"short": [len(short_demonstration(p)) for p in problems],
-            "long": [len(long_demonstration(p)) for p in problems]}
-
-
-if __name__ == "__main__":
-    import time
-
-    problem = Problem((3, 5, 7), 22)
-    print(base_prompt(problem), "\n")
-    print(chat_messages(problem), "\n")
-    print(compact_prompt(problem) + long_demonstration(problem), "\n")
-    print(compact_prompt(problem) + short_demonstration(problem), "\n")
-    for n_nums, num_range in [(3, (1, 20)), ((3, 4), (1, 99)), (4, (1, 99))]:
-        t0 = time.perf_counter()
-        problems = generate_problems(500, seed=0, n_nums=n_nums, num_range=num_range, integer_steps=True)
-        dt = time.perf_counter() - t0
-        lengths = demonstration_lengths(problems)["long"]
-        print(f"n_nums={n_nums} num_range={num_range}: {len(problems) / dt:.0f} problems/s, long form "
-              f"mean {sum(lengths) / len(lengths):.0f} max {max(lengths)} chars")
+    return long_demonstration(problem) if rng.random() < p_long else short_demonstration(problem)

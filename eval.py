@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import countdown
+from checkpoint import read_run_config
 from cli import opt, parse, pick_device
 from hf_io import load_qwen
 from model import generate
@@ -82,7 +83,8 @@ def parse_args(argv):
         ("temperature >= 0", cfg.temperature >= 0), ("0 < top_p <= 1", 0 < cfg.top_p <= 1),
         ("max_new_tokens >= 0", cfg.max_new_tokens >= 0), ("math_format gsm8k|math|auto",
                                                            cfg.math_format in ("gsm8k", "math", "auto")),
-        ("template base|chat|compact|auto", cfg.template in ("", "auto", "base", "chat", "compact"))] if not ok]
+        ("template base|chat|compact|auto", cfg.template in ("", "auto", "base", "chat", "compact")),
+        ("dtype float32|bfloat16|float16|auto", cfg.dtype in ("auto", "float32", "bfloat16", "float16"))] if not ok]
     if wrong:
         raise SystemExit("invalid options, need: " + "; ".join(wrong))
     return cfg
@@ -225,8 +227,7 @@ AHA_PHRASES = {
     "wait": r"\bwait\b", "hmm": r"\bhm+\b", "aha": r"\baha\b", "mistake": r"\bmistake\b",
     "let me check": r"\blet(?: me|'s| us) (?:check|see)\b", "verify": r"\bverif(?:y|ies|ied|ying|ication)\b",
     "recheck": r"\bre-?check", "double-check": r"\bdouble[- ]check", "let me try": r"\blet(?: me|'s| us) try\b",
-    "try again": r"\btry (?:again|another)\b", "reconsider": r"\bre-?(?:consider|evaluate)\b",
-}
+    "try again": r"\btry (?:again|another)\b", "reconsider": r"\bre-?(?:consider|evaluate)\b"}
 AHA_REGEXES = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in AHA_PHRASES.items()}
 
 
@@ -251,23 +252,9 @@ def resolve_ckpt(cfg):
                      f"run python train.py first or pass --ckpt")
 
 
-def read_run_config(path):
-    """train.py's run_config.json of a model directory, or {} for a plain Hugging Face directory."""
-    file = os.path.join(path, "run_config.json")
-    if not os.path.isfile(file):
-        return {}
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"could not read {file}: {e}") from None
-
-
 def load_model(path, cfg):
     device = pick_device(cfg.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"--dtype={dtype}: use float32, bfloat16 or float16")
     try:
         return load_qwen(path, device=device, dtype=getattr(torch, dtype)), load_tokenizer(path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -367,7 +354,7 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
 def summarize(stats, n):
     """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples."""
     counts, samples = stats["correct"], np.array(stats["samples"], dtype=np.float64)  # (P*n, 3)
-    is_correct, lengths, aha = samples[:, 0] > 0, samples[:, 1], samples[:, 2] > 0
+    correct, lengths, aha = samples[:, 0] > 0, samples[:, 1], samples[:, 2] > 0
     total = len(samples)
 
     def mean(x):  # None for an empty selection (e.g. no correct responses)
@@ -375,25 +362,22 @@ def summarize(stats, n):
 
     # point-biserial correlation = Pearson r between length and the 0/1 correctness (None if either is constant)
     r_pb = None
-    if 0 < is_correct.sum() < total and lengths.std() > 0:  # r_pb = (M1 - M0) / s * sqrt(p (1 - p))
-        p, gap = is_correct.mean(), lengths[is_correct].mean() - lengths[~is_correct].mean()
+    if 0 < correct.sum() < total and lengths.std() > 0:  # r_pb = (M1 - M0) / s * sqrt(p (1 - p))
+        p, gap = correct.mean(), lengths[correct].mean() - lengths[~correct].mean()
         r_pb = float(gap / lengths.std() * math.sqrt(p * (1 - p)))
-    return {
-        "n_problems": len(counts), "n_samples": n,
-        "greedy_accuracy": sum(stats["greedy"]) / len(counts),
-        # pass@k averaged over problems (limit-of-RLVR, App. A.2)
-        "pass_at_k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks_for(n)},
-        "sample_accuracy": float(is_correct.mean()),
-        "reasons": {reason: count / total for reason, count in sorted(stats["reasons"].items())},
-        "greedy_reasons": dict(sorted(stats["greedy_reasons"].items())),
-        "length": {"mean": mean(lengths), "mean_correct": mean(lengths[is_correct]),
-                   "mean_incorrect": mean(lengths[~is_correct]), "point_biserial_r": r_pb},
-        "aha": {"fraction_with": float(aha.mean()), "phrases": dict(stats["aha"].most_common()),
-                "accuracy_with": mean(is_correct[aha]), "accuracy_without": mean(is_correct[~aha])},
-        "correct_counts": counts,
-        "solved": [i for i, c in enumerate(counts) if c > 0],  # the "solvable set": correct at some k <= n
-        "greedy_correct": stats["greedy"],
-    }
+    return {"n_problems": len(counts), "n_samples": n, "greedy_accuracy": sum(stats["greedy"]) / len(counts),
+            # pass@k averaged over problems (limit-of-RLVR, App. A.2)
+            "pass_at_k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks_for(n)},
+            "sample_accuracy": float(correct.mean()),
+            "reasons": {reason: count / total for reason, count in sorted(stats["reasons"].items())},
+            "greedy_reasons": dict(sorted(stats["greedy_reasons"].items())),
+            "length": {"mean": mean(lengths), "mean_correct": mean(lengths[correct]),
+                       "mean_incorrect": mean(lengths[~correct]), "point_biserial_r": r_pb},
+            "aha": {"fraction_with": float(aha.mean()), "phrases": dict(stats["aha"].most_common()),
+                    "accuracy_with": mean(correct[aha]), "accuracy_without": mean(correct[~aha])},
+            "correct_counts": counts,
+            "solved": [i for i, c in enumerate(counts) if c > 0],  # the "solvable set": correct at some k <= n
+            "greedy_correct": stats["greedy"]}
 
 
 def overlap(a, b):
@@ -409,8 +393,7 @@ def overlap(a, b):
 
 def print_table(results):
     """Compared models as columns; pass@k, greedy accuracy, lengths, failure reasons and aha phrases as rows."""
-    models, protocol = list(results["models"].values()), results["protocol"]
-    labels = list(results["models"])
+    models, labels, protocol = list(results["models"].values()), list(results["models"]), results["protocol"]
     width = max(14, *map(len, labels)) + 2
 
     def fmt(v):
@@ -506,8 +489,7 @@ def run(cfg):
     labels = short_labels(paths)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {"task": task, "n_problems": len(items),
-               "grader": GRADER if task == "math" else "rewards.reward (exact arithmetic; "
-                                                          "TinyZero's 1.0 / 0.1 / 0.0)",
+               "grader": GRADER if task == "math" else "rewards.reward (exact arithmetic; TinyZero's 1.0 / 0.1 / 0.0)",
                "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                             "max_new_tokens": max_new_tokens, "seed": cfg.seed},
                "config": asdict(cfg), "models": {}, "overlap": None}

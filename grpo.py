@@ -37,14 +37,9 @@ Known bugs this file avoids:
     micro-batch loop, so the loss and the gradient do not depend on micro_batch_size (TRL and verl
     have both normalised per micro-batch at times; TRL PR #6024 fixed one such mis-scaling).
   - The loss includes each completion's stop token, so the model learns to stop.
-Token log-probs never materialise a float32 [B, T, V]: logits are made logprob_chunk tokens at a time
-and recomputed in backward (activation checkpointing), so the [N, V] logits are never all alive at once.
+  - Token log-probs never materialise the float32 [N, V] logits (token_logprobs: chunks, recomputed in backward).
 
-Use (train.py's RL loop does exactly this):
-    completions = generate(model, prompts, ..., num_samples=G)         # model.py; rows in per_row's layout
-    advantages = group_advantages(rewards, G, cfg.scale_rewards, cfg.adv_eps)
-    batch = micro_batches(per_row(prompts, G), completions, rewards, advantages, cfg, pad_id, stop_ids, device)
-    metrics = update(model, optimizer, batch, cfg, ref_model, vocab_limit)    # backward + optimizer.step()
+train.py's RL loop shows the use: group_advantages, then micro_batches, then update (backward + optimizer.step).
 Shapes: N rollout rows, B rows of one micro-batch, T tokens per row, P prompt columns, L completion columns,
 C model dim, V vocab, G group size.
 """
@@ -62,8 +57,7 @@ class GRPOConfig:
     group_size: int = opt(8, "G completions per prompt")
     temperature: float = opt(1.0, "sampling temperature; log-probs are computed at this temperature too")
     top_p: float = opt(1.0, "nucleus sampling for rollouts (training log-probs ignore it, as TRL)")
-    max_new_tokens: int = opt(480, "completion budget of every sampled or demonstrated response; dr_grpo's "
-                                   "constant")
+    max_new_tokens: int = opt(480, "completion budget of every sampled or demonstrated reply; dr_grpo's L_max")
     clip_eps_low: float = opt(0.2, "ratio clipped below at 1 - clip_eps_low")
     clip_eps_high: float = opt(0.2, "ratio clipped above at 1 + clip_eps_high (DAPO clip-higher: 0.28)")
     beta: float = opt(0.0, "KL (k3) coefficient; 0 = no reference model")
@@ -171,11 +165,9 @@ def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, st
     """The rows that get a loss, cut into micro-batches of cfg.micro_batch_size rows. row_prompts,
     completions: one per rollout row (per_row's layout); rewards, advantages: [N]. Dynamic sampling and overlong
     filtering (the GRPOConfig switches) remove whole rows; normalisers come from the rows kept, before any split."""
-    if not (len(row_prompts) == len(completions) == len(rewards) == len(advantages)) \
-            or len(completions) % cfg.group_size:
+    if not len(row_prompts) == len(completions) == len(rewards) == len(advantages):
         raise ValueError(f"got {len(row_prompts)} prompt rows, {len(completions)} completions, {len(rewards)} "
-                         f"rewards: expected one each per rollout row, len(prompts) * group_size "
-                         f"({cfg.group_size}) rows")
+                         f"rewards: expected one of each per rollout row")
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN/inf; fix the reward function (GRPO needs finite scalars)")
     if max(map(len, completions)) > cfg.max_new_tokens:
@@ -285,10 +277,10 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
     loss, clip_frac, kl, entropy, grad_norm (averaged over the steps taken), num_tokens, skipped (1 = no step)."""
     if cfg.beta > 0 and ref_model is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_model (a frozen copy of the initial policy)")
-    metrics = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "num_tokens": 0,
-               "skipped": 0}
-    if not batch:  # every row was filtered out
-        return {**metrics, "skipped": 1}
+    if not batch:  # every row was filtered out: no step
+        return {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "num_tokens": 0,
+                "skipped": 1}
+
     def logprobs_of(policy, mb):  # [B, L] log-probs at the sampling temperature
         return completion_logprobs(policy, mb.tokens, mb.attention_mask, mb.completion_mask, mb.prompt_len,
                                    cfg.temperature, vocab_limit, cfg.logprob_chunk)[0]
@@ -297,10 +289,9 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
             mb.old_logprobs = logprobs_of(model, mb) if cfg.num_iterations > 1 else None
             mb.ref_logprobs = logprobs_of(ref_model, mb) if ref_model is not None else None
     num_tokens = sum(int(mb.completion_mask.sum()) for mb in batch)
-    device = batch[0].tokens.device
     # sums stay on the device: one host sync per step (the grad norm), not several per micro-batch
-    totals = {name: torch.zeros((), device=device) for name in ("loss", "clip_frac", "kl", "entropy")}
-    grad_norms = []
+    totals = {name: torch.zeros((), device=batch[0].tokens.device) for name in ("loss", "clip_frac", "kl", "entropy")}
+    grad_norms, skipped = [], 0
     optimizer.zero_grad(set_to_none=True)
     for iteration in range(cfg.num_iterations):
         for mb in batch:
@@ -313,10 +304,9 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
         grad_norms.append(grad_norm.item())  # the norm before clipping
         if not (math.isfinite(grad_norms[-1]) and torch.isfinite(totals["loss"]).item()):
             optimizer.zero_grad(set_to_none=True)   # never let NaN/inf reach the weights
-            metrics["skipped"] = 1
+            skipped = 1
             break
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    for name, total in totals.items():              # per-step averages
-        metrics[name] = total.item() / len(grad_norms)
-    return {**metrics, "grad_norm": sum(grad_norms) / len(grad_norms), "num_tokens": num_tokens}
+    metrics = {name: total.item() / len(grad_norms) for name, total in totals.items()}   # per-step averages
+    return {**metrics, "grad_norm": sum(grad_norms) / len(grad_norms), "num_tokens": num_tokens, "skipped": skipped}

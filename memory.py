@@ -1,8 +1,7 @@
 """GPU memory plan for one RL step: what each term costs, the two peaks, the largest micro-batch that fits.
-
-train.py prints it before the first RL step on a GPU (or for --init=qwen anywhere, sized for gpu_memory_gb).
-An estimate: allocator slack and kernel workspaces come on top.
+An estimate (allocator slack and kernel workspaces come on top), printed by train.py before the first RL step.
 """
+import torch
 
 
 def count_params(mc):
@@ -30,9 +29,13 @@ def estimate_memory(mc, weight_bytes, rollout_rows, prompt_len, gcfg, micro_batc
     }
 
 
-def print_memory_estimate(mc, weight_bytes, rollout_rows, prompt_len, gcfg, budget_bytes):
+def print_memory_estimate(model, rollout_rows, prompt_len, gcfg, gpu_memory_gb):
     """Print the terms, the two peaks (rollout: no gradients, all KV caches; update: gradients and one
     micro-batch of activations) and the largest power-of-two micro_batch_size whose update peak fits in 90%."""
+    mc, weight_bytes = model.config, next(model.parameters()).element_size()
+    on_gpu = next(model.parameters()).is_cuda  # else plan for a GPU of gpu_memory_gb
+    budget_bytes = torch.cuda.get_device_properties(0).total_memory if on_gpu else gpu_memory_gb * 2**30
+
     def peaks(micro_batch):
         t = estimate_memory(mc, weight_bytes, rollout_rows, prompt_len, gcfg, micro_batch)
         static = t["weights"] + t["optimizer"] + t["reference"]

@@ -65,18 +65,13 @@ class ModelConfig:
             refuse("model_type", "expected 'qwen2'")
         if hf.get("hidden_act", "silu") != "silu":
             refuse("hidden_act", "the MLP is SwiGLU with silu")
-        if hf.get("use_sliding_window"):
-            refuse("use_sliding_window", "sliding-window attention is not implemented")
-        if hf.get("rope_scaling"):
-            refuse("rope_scaling", "RoPE scaling (YaRN, dynamic NTK, ...) is not implemented")
         if any(t != "full_attention" for t in hf.get("layer_types") or []):
             refuse("layer_types", "only full attention is implemented")
-        if hf.get("use_mrope"):
-            refuse("use_mrope", "multimodal RoPE is not implemented")
-        if hf.get("attention_dropout", 0.0):
-            refuse("attention_dropout", "attention dropout is not implemented")
-        if hf.get("quantization_config"):
-            refuse("quantization_config", "quantized checkpoints are not supported")
+        for key, what in [("use_sliding_window", "sliding-window attention"), ("use_mrope", "multimodal RoPE"),
+                          ("rope_scaling", "RoPE scaling (YaRN, dynamic NTK, ...)"), ("attention_dropout",
+                          "attention dropout"), ("quantization_config", "quantized checkpoints")]:
+            if hf.get(key):
+                refuse(key, f"{what} is not implemented")
         theta = hf.get("rope_theta")
         rope = hf.get("rope_parameters")  # transformers >= 5 writes {"rope_type": "default", "rope_theta": ...}
         if rope:
@@ -119,8 +114,7 @@ PRESETS = {
     # trained from scratch over the byte vocabulary (train.py --init=scratch narrows it with --dim/--n_layers)
     "small": ModelConfig(vocab_size=259, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688,
                          rope_theta=10000.0, norm_eps=1e-6, max_seq_len=512),
-    "qwen2.5-0.5b": _qwen25(896, 24, 14, 4864),
-    "qwen2.5-1.5b": _qwen25(1536, 28, 12, 8960),
+    "qwen2.5-0.5b": _qwen25(896, 24, 14, 4864), "qwen2.5-1.5b": _qwen25(1536, 28, 12, 8960),
     "qwen2.5-3b": _qwen25(2048, 36, 16, 11008),   # 3,085,938,688 parameters
 }
 

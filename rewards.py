@@ -1,7 +1,7 @@
-"""Rewards for Countdown: plain functions of (response, nums, target) -> float.
+"""Rewards for Countdown: plain functions of the model's response and the problem.
 
-    from rewards import countdown_reward, countdown_reward_details
-    countdown_reward("...<answer>(5*3)+7</answer>", nums=[3, 5, 7], target=22)   # -> 1.0
+    from rewards import reward
+    reward("...<answer>(5*3)+7</answer>", countdown.Problem((3, 5, 7), 22))   # -> (1.0, "correct")
 
 The values follow TinyZero (verl/utils/reward_score/countdown.py): 1.0 for a correct equation, 0.1 when an
 answer is present but wrong (a small "format" credit), 0.0 when there is no answer at all.
@@ -202,7 +202,8 @@ def countdown_reward_details(response, nums, target):
 
 
 def reward(response, problem):
-    """The entry point every caller uses: (reward, reason) for one response to one countdown.Problem."""
+    """The entry point every caller uses: TinyZero's Countdown reward (1.0 correct, 0.1 answer present but wrong,
+    0.0 no answer) and its reason, for one response to one countdown.Problem."""
     return countdown_reward_details(response, problem.nums, problem.target)
 
 
@@ -211,17 +212,12 @@ def is_correct(reason):
     return reason == "correct"
 
 
-def countdown_reward(response, nums, target):
-    """TinyZero's Countdown reward: 1.0 correct, 0.1 answer present but wrong, 0.0 no answer."""
-    return countdown_reward_details(response, nums, target)[0]
-
-
 def format_reward(response, nums=None, target=None):
     """Optional small format reward (in the style of GRPO-Zero / nano-aha-moment): 1.0 if the response is
     "...</think>" then whitespace then exactly one "<answer>...</answer>" and nothing after it (a trailing
     end-of-text special token is ignored), else 0.0. The response starts after the "<think>" prefill.
     nums/target are unused; they keep the signature of every other reward. Scale it down (e.g. x 0.1) when
-    adding it to countdown_reward so that correctness dominates."""
+    adding it to reward() so that correctness dominates."""
     text = response
     for stop in ("<|endoftext|>", "<|im_end|>"):
         if text.endswith(stop):

@@ -13,8 +13,9 @@ Hugging Face files -> tiktoken. HF stores each token as a printable string throu
 back to raw bytes. tiktoken's merge loop fuses the pair whose *result* has the lowest rank; HF fuses the pair
 earliest in merges.txt. The two agree when a token's rank is the position of the merge that creates it. When
 the vocabulary's ids increase in merge order (expected for Qwen2, whose vocabulary began as a tiktoken file) the
-ids themselves are the ranks; otherwise (checked at load) we rank by merge position and remap ranks to ids. Added tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...) are cut out of the
-text before BPE, as HF does, so a prompt template that writes them as text yields the single special id.
+ids themselves are the ranks; otherwise (checked at load) we rank by merge position and remap ranks to ids.
+Added tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...) are cut out of the text before BPE, as HF does, so a
+prompt template that writes them as text yields the single special id.
 
 Choices, all mirroring Qwen2's tokenizer so ids match the checkpoint exactly:
   * NFC normalisation first: "e" + combining acute and the precomposed "é" must give the same ids, or the

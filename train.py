@@ -18,16 +18,13 @@ Facilitates Learning", arXiv 2510.11495, on Countdown instead of parity):
      them, the sampled long fraction climbs, greedy decoding switches to the long form and responses lengthen.
   What the reference run measured, and on which seeds: README.md and reference/metrics.jsonl.
 
---init=qwen starts from a pretrained checkpoint instead (no warm-up) with the "qwen" run preset. On CUDA the
-weights are float32 masters with bf16 autocast (a 1e-6 update vanishes in bf16 weights), and a memory estimate
-with the largest micro-batch that fits is printed before the first step.
-
 Run directory (out_dir): metrics.jsonl (one JSON object per step; "phase" is warmup, rl or eval), warmup/ and
 final/ (Hugging Face layout + tokenizer + run_config.json), ckpt/ (the same plus state.pt: optimizer, RNG,
 step; replaced atomically). Ctrl-C finishes the current step, saves ckpt/ and exits; --resume continues it.
 Every step's problems and sampling seed are a function of (seed, step), so resuming replays the same data.
 """
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -45,11 +42,11 @@ from tqdm import tqdm
 
 import countdown
 import grpo
-from checkpoint import checkpoint_dir, rng_state, save_checkpoint, set_rng_state, truncate_metrics
+from checkpoint import checkpoint_dir, read_run_config, rng_state, save_checkpoint, set_rng_state, truncate_metrics
 from cli import opt, parse, pick_device, show
 from eval import greedy
-from memory import count_params, print_memory_estimate
 from hf_io import load_qwen
+from memory import count_params, print_memory_estimate
 from model import PRESETS, Transformer, generate
 from rewards import is_correct, reward
 from tokenizer import byte_tokenizer, load_tokenizer
@@ -64,20 +61,18 @@ class Config:
     out_dir: str = opt("out", "run directory: metrics.jsonl, warmup/, final/, ckpt/")
     seed: int = opt(1337, "seeds python/numpy/torch and every step's problems and samples")
     device: str = opt("auto", "auto = cuda, then mps, then cpu")
-    precision: str = opt("auto", "auto = bf16-mixed on cuda (fp32 weights, bf16 autocast), else fp32; or bf16")
+    precision: str = opt("auto", "auto = bf16-mixed on cuda (fp32 master weights, bf16 autocast), else fp32; or bf16")
     threads: int = opt(0, "torch CPU threads; 0 = all cores")
     resume: bool = opt(False, "continue from out_dir/ckpt (same config, same data, same RNG)")
     progress: bool = opt(True, "show a tqdm bar (the per-step log line is printed either way)")
-    run_preset: str = opt("auto", "defaults applied before the command line (listed below): auto = qwen for "
-                                  "--init=qwen, gpu for a scratch run on CUDA, else cpu")
+    run_preset: str = opt("auto", "defaults under the command line (below): auto = qwen, gpu on CUDA, else cpu")
     # model
     init: str = opt("scratch", "scratch = a fresh PRESETS[preset] with the byte tokenizer; qwen = model_dir")
     preset: str = opt("small", "model.PRESETS key for --init=scratch")
     dim: int = opt(128, "override the preset's width (0 = keep); heads = dim // 64, kv heads = dim // 128")
     n_layers: int = opt(4, "override the preset's depth (0 = keep)")
     model_dir: str = opt("", "Hugging Face Qwen2/Qwen2.5 directory for --init=qwen")
-    template: str = opt("auto", "prompt: auto (compact for scratch, chat/base from the tokenizer) | compact | "
-                                "base | chat")
+    template: str = opt("auto", "auto (compact for scratch, chat/base from the tokenizer) | compact | base | chat")
     gradient_checkpointing: bool = opt(False, "recompute each block in backward (memory for compute)")
     # task (countdown.train_stream / test_set difficulty knobs)
     n_nums: tuple = opt((3, 3), "how many numbers per problem, (min, max)")
@@ -88,8 +83,7 @@ class Config:
     # warm-up: next-token prediction on demonstrations (scratch only; 0 steps skips it)
     warmup_steps: int = opt(5000, "optimizer steps")
     warmup_batch_size: int = opt(16, "demonstrations per step, one per row")
-    warmup_seq_len: int = opt(0, "longest prompt + demonstration kept (longer ones are skipped); 0 = "
-                                 "max_new_tokens, the one completion budget of both phases")
+    warmup_seq_len: int = opt(0, "longest prompt + demonstration kept; 0 = max_new_tokens (one budget)")
     warmup_lr: float = opt(3e-3, "peak AdamW lr, linear warm-up over 20 steps then cosine to 10%")
     p_long: float = opt(0.4, "fraction of long (chain-of-thought) demonstrations; < 1/2: greedy answers short")
     # RL
@@ -116,8 +110,7 @@ RUN_PRESETS = {
                  micro_batch_size=8),
     # the from-scratch run scaled up for one GPU (not yet run on a GPU; lower warmup_lr first if the loss spikes)
     "gpu": dict(dim=384, n_layers=6, warmup_steps=4000, warmup_batch_size=64, warmup_lr=1e-3, rl_steps=100,
-                prompts_per_step=64, eval_batch_size=200, micro_batch_size=128),
-}
+                prompts_per_step=64, eval_batch_size=200, micro_batch_size=128)}
 
 
 def resolve_config(overrides, device, saved=None):
@@ -138,7 +131,7 @@ def resolve_config(overrides, device, saved=None):
     cfg = Config(**{k: v for k, v in values.items() if k in names})
     gcfg = grpo.GRPOConfig(**{k: v for k, v in values.items() if k not in names})
     for name, allowed in [("init", ("scratch", "qwen")), ("template", ("auto", "compact", "base", "chat")),
-                          ("precision", ("auto", "fp32", "bf16-mixed", "bf16"))]:
+                          ("precision", ("auto", "fp32", "bf16-mixed", "bf16")), ("preset", tuple(PRESETS))]:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}={getattr(cfg, name)}: choose {', '.join(allowed)}")
     if cfg.init == "qwen" and not os.path.isdir(cfg.model_dir):
@@ -172,8 +165,7 @@ def lr_at(step, total, peak, warmup):
 
 
 def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return str(datetime.timedelta(seconds=int(seconds)))  # H:MM:SS
 
 
 class Run:
@@ -231,9 +223,16 @@ class Run:
             print(f"saved {self.cfg.out_dir}/ckpt at {phase} step {step}; resume with --resume")
         return bool(self.stop_requested)
 
-    def adamw(self, lr, beta2):  # fused kernels on CUDA; decoupled weight decay (Loshchilov & Hutter 2019)
-        return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, beta2),
-                                 weight_decay=self.cfg.weight_decay, fused=self.device == "cuda")
+    def adamw(self, lr, beta2, state=None):
+        """A phase's AdamW (decoupled weight decay, Loshchilov & Hutter 2019; fused kernels on CUDA) and the step
+        it starts from: 0, or a resumed checkpoint's step, with its optimizer and RNG state restored."""
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, beta2),
+                                      weight_decay=self.cfg.weight_decay, fused=self.device == "cuda")
+        if state is None:
+            return optimizer, 0
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        return optimizer, state["step"]
 
 # -----------------------------------------------------------------------------
 # Set-up: configuration, seeds, precision, model and tokenizer
@@ -245,11 +244,7 @@ def setup(argv, stop_requested):
         overrides = parse_args(argv)
         device = pick_device(overrides.get("device", "auto"))
         resume_from = checkpoint_dir(overrides.get("out_dir", "out")) if overrides.get("resume") else None
-        saved = None
-        if resume_from:
-            with open(os.path.join(resume_from, "run_config.json")) as f:
-                saved = json.load(f)
-        cfg, gcfg = resolve_config(overrides, device, saved)
+        cfg, gcfg = resolve_config(overrides, device, read_run_config(resume_from) if resume_from else None)
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
@@ -335,12 +330,7 @@ def warmup_batch(cfg, step, tok, template):
 def warmup(run, state):
     """Next-token prediction on demonstrations; returns False if Ctrl-C stopped the run (ckpt/ saved)."""
     cfg, model = run.cfg, run.model
-    optimizer = run.adamw(cfg.warmup_lr, 0.95)  # nanoGPT's beta2 for pre-training
-    start = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
+    optimizer, start = run.adamw(cfg.warmup_lr, 0.95, state)  # nanoGPT's beta2 for pre-training
     print(f"warm-up: {cfg.warmup_steps} steps x {cfg.warmup_batch_size} demonstrations (one per row, length-"
           f"bucketed micro-batches), p_long {cfg.p_long}, lr {cfg.warmup_lr}")
     for step in run.steps("warm-up", start, cfg.warmup_steps):
@@ -392,9 +382,8 @@ def evaluate(run, step):
     length = sum(map(len, completions)) / len(completions)
     long_frac = sum(map(countdown.is_long_form, texts)) / len(texts)
     run.log({"phase": "eval", "step": step, "eval_accuracy": accuracy, "eval_response_length": length,
-             "eval_long_frac": long_frac})
-    tqdm.write(f"eval @ rl step {step} | held-out greedy accuracy {accuracy:.3f} | length {length:.1f} | "
-               f"long form {long_frac:.2f}")
+             "eval_long_frac": long_frac}, f"eval @ rl step {step} | held-out greedy accuracy {accuracy:.3f} | "
+                                           f"length {length:.1f} | long form {long_frac:.2f}")
 
 
 def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size):
@@ -409,13 +398,8 @@ def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size):
 
 def train_rl(run, state):
     cfg, gcfg, model, tok, G = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size
-    optimizer = run.adamw(cfg.lr, 0.999)  # nano-aha-moment / TRL's AdamW betas for RL
-    start = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-    elif cfg.init == "scratch":  # the RL starting point: out/warmup, and ckpt/ at RL step 0
+    optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
+    if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup, and ckpt/ at RL step 0
         run.save("warmup")
         run.save("ckpt", "rl", 0, optimizer)
     ref_model = None  # a frozen copy of the RL starting point for the KL term (bf16 on CUDA: only ever read)
@@ -427,12 +411,8 @@ def train_rl(run, state):
           f"rollouts per step in micro-batches of {gcfg.micro_batch_size}; max_new_tokens {gcfg.max_new_tokens}; "
           f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps")
     if run.device == "cuda" or cfg.init == "qwen":
-        budget = torch.cuda.get_device_properties(0).total_memory if run.device == "cuda" \
-            else cfg.gpu_memory_gb * 2**30
-        prompt_len = max(len(tok.encode(countdown.render_prompt(p, run.template, tok)))
-                         for p in run.test_problems[:50])
-        print_memory_estimate(model.config, next(model.parameters()).element_size(), cfg.prompts_per_step * G,
-                              prompt_len, gcfg, budget)
+        prompt_len = max(len(tok.encode(countdown.render_prompt(p, run.template, tok))) for p in run.test_problems)
+        print_memory_estimate(model, cfg.prompts_per_step * G, prompt_len, gcfg, cfg.gpu_memory_gb)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             evaluate(run, step)
@@ -443,8 +423,8 @@ def train_rl(run, state):
         t0 = time.time()
         # ---- 1. problems: fresh ones each step, a function of (seed, step), so a resumed run sees the same
         seed = step_seed(cfg.seed, "rl", step)
-        stream = countdown.train_stream(seed % 2**32, cfg.n_nums, cfg.num_range, cfg.target_range)
-        problems = [next(stream) for _ in range(cfg.prompts_per_step)]
+        problems = countdown.generate_problems(cfg.prompts_per_step, seed % 2**32, cfg.n_nums, cfg.num_range,
+                                               cfg.target_range)
         prompts = [tok.encode(countdown.render_prompt(p, run.template, tok)) for p in problems]
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
         with run.autocast:

@@ -17,7 +17,16 @@ import pytest
 
 import countdown
 from countdown import Problem
-from rewards import countdown_reward
+from rewards import countdown_reward_details
+
+
+def countdown_reward(response, nums, target):  # the reward value alone
+    return countdown_reward_details(response, nums, target)[0]
+
+
+def is_test_problem(problem):
+    return countdown.problem_bucket(problem.nums, problem.target) < countdown.TEST_BUCKETS
+
 
 # -----------------------------------------------------------------------------
 # Independent brute force
@@ -172,14 +181,14 @@ def test_test_set_is_disjoint_from_training_stream():
     held_out = countdown.test_set(100, seed=0, **knobs)
     assert len(held_out) == 100
     assert len({(tuple(sorted(p.nums)), p.target) for p in held_out}) == 100  # distinct problems
-    assert all(countdown.is_test_problem(p) for p in held_out)
+    assert all(is_test_problem(p) for p in held_out)
     train = countdown.generate_problems(20_000, seed=0, **knobs)
-    assert not any(countdown.is_test_problem(p) for p in train)
+    assert not any(is_test_problem(p) for p in train)
     held_out_keys = {(tuple(sorted(p.nums)), p.target) for p in held_out}
     assert not any((tuple(sorted(p.nums)), p.target) in held_out_keys for p in train)
     # The default test set is drawn from the same held-out buckets.
     default = countdown.test_set(50)
-    assert all(countdown.is_test_problem(p) for p in default)
+    assert all(is_test_problem(p) for p in default)
 
 
 def test_impossible_knobs_give_clear_errors():
@@ -357,7 +366,8 @@ def test_long_form_length_budget_and_mixture():
     # train.py's default difficulty: nearly every long demonstration (with its prompt and end-of-text token)
     # fits warmup_seq_len = 480 tokens; the few that don't are skipped by the warm-up.
     problems = countdown.generate_problems(500, seed=31, n_nums=3, num_range=(1, 12), integer_steps=True)
-    lengths = countdown.demonstration_lengths(problems)
+    lengths = {"short": [len(countdown.short_demonstration(p)) for p in problems],
+               "long": [len(countdown.long_demonstration(p)) for p in problems]}
     assert sum(lengths["long"]) / len(problems) < 200
     # train.py keeps a row when prompt + demonstration + end-of-text <= warmup_seq_len + 1 tokens
     too_long = [p for p, n in zip(problems, lengths["long"]) if len(countdown.compact_prompt(p)) + n + 1 > 481]
@@ -367,6 +377,6 @@ def test_long_form_length_budget_and_mixture():
     texts = [countdown.sample_demonstration(problems[0], 0.25, rng) for _ in range(2000)]
     share_long = sum(t.startswith("<think>") for t in texts) / len(texts)
     assert abs(share_long - 0.25) < 0.04
-    assert countdown.demonstration(problems[0], long=False) == countdown.short_demonstration(problems[0])
+    assert {t for t in texts if not t.startswith("<think>")} == {countdown.short_demonstration(problems[0])}
     with pytest.raises(ValueError, match="p_long"):
         countdown.sample_demonstration(problems[0], 1.5, rng)

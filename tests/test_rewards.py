@@ -10,7 +10,12 @@ import pytest
 
 import countdown
 import rewards
-from rewards import countdown_reward, countdown_reward_details, format_reward
+from rewards import countdown_reward_details, format_reward
+
+
+def countdown_reward(response, nums, target):  # the reward value alone
+    return countdown_reward_details(response, nums, target)[0]
+
 
 N357 = [3, 5, 7]  # target 22: (3*5)+7
 
@@ -82,6 +87,7 @@ CASES = [
     ("3*5+7+", N357, 22, "invalid_expression"),
     ("1 " + "+ 1 " * 600, [1] * 601, 601, "invalid_expression"),  # longer than MAX_ANSWER_CHARS
 ]
+
 
 
 @pytest.mark.parametrize("answer, nums, target, reason", CASES, ids=[f"{i}:{c[0][:24]!r}" for i, c in enumerate(CASES)])
