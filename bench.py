@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import opt, parse
+from cli import opt, parse, pick_device
 from hf_io import save_hf
 from model import ModelConfig, Transformer, generate
 
@@ -50,7 +50,7 @@ if args.quick:
 
 if args.threads:
     torch.set_num_threads(args.threads)
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+device = torch.device(pick_device("auto"))
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 config = ModelConfig(vocab_size=151936, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408,
                      rope_theta=1e6, max_seq_len=4096)

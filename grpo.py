@@ -89,8 +89,8 @@ class GRPOConfig:
 
 
 def per_row(items, group_size):
-    """The rollout layout, defined here once: generate(..., num_samples=G) returns prompt 0's G rows, then
-    prompt 1's, and so on, so rollout row i belongs to items[i // G]. -> one item per row."""
+    """One item per rollout row, in the layout model.generate(..., num_samples=G) defines: prompt 0's G rows,
+    then prompt 1's, and so on, so row i belongs to items[i // G]."""
     return [item for item in items for _ in range(group_size)]
 
 
