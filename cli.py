@@ -13,6 +13,8 @@ Bad input raises ValueError with one line that names the option and what was exp
 """
 import dataclasses
 import difflib
+import os
+import sys
 
 import torch
 
@@ -78,6 +80,19 @@ def parse(argv, classes, usage, notes=""):
             text = ",".join(values) if values else "true"
         overrides[key] = parse_value(key, text, defaults[key])
     return overrides
+
+
+def run_script(main):
+    """Run a script's main(); when the reader of stdout goes away (python train.py --help | head), exit quietly
+    with the shell's code for SIGPIPE instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            main()
+        finally:
+            sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails silently
+        raise SystemExit(141) from None
 
 
 def pick_device(name):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import countdown
 from checkpoint import read_run_config
-from cli import opt, parse, pick_device
+from cli import opt, parse, pick_device, run_script
 from hf_io import load_qwen
 from model import generate
 from rewards import is_correct, reward
@@ -508,4 +508,4 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

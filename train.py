@@ -20,7 +20,8 @@ Facilitates Learning", arXiv 2510.11495, on Countdown instead of parity):
 
 Run directory (out_dir): metrics.jsonl (one JSON object per step; "phase" is warmup, rl or eval), warmup/ and
 final/ (Hugging Face layout + tokenizer + run_config.json), ckpt/ (the same plus state.pt: optimizer, RNG,
-step; replaced atomically). Ctrl-C finishes the current step, saves ckpt/ and exits; --resume continues it.
+step; replaced atomically). Ctrl-C or SIGTERM finishes the current step, saves ckpt/ and exits; --resume
+continues it.
 Every step's problems and sampling seed are a function of (seed, step), so resuming replays the same data.
 """
 import dataclasses
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import textwrap
@@ -42,8 +44,9 @@ from tqdm import tqdm
 
 import countdown
 import grpo
-from checkpoint import checkpoint_dir, read_run_config, rng_state, save_checkpoint, set_rng_state, truncate_metrics
-from cli import opt, parse, pick_device, show
+from checkpoint import (disk_needed, load_checkpoint_state, read_run_config, rng_state, save_checkpoint,
+                        set_rng_state, truncate_metrics)
+from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
 from memory import count_params, print_memory_estimate
@@ -95,7 +98,8 @@ class Config:
     eval_every: int = opt(10, "held-out greedy eval every N RL steps (and at the first and last)")
     sample_every: int = opt(10, "print a few decoded completions every N RL steps")
     save_every: int = opt(20, "write ckpt/ every N steps of either phase (and at the end of each phase)")
-    max_bad_steps: int = opt(5, "stop after this many non-finite losses in a row")
+    max_bad_steps: int = opt(5, "stop after this many non-finite losses or gradients in a row (either phase)")
+    check_disk: bool = opt(True, "before the first step, stop if out_dir lacks the space its checkpoints need")
     gpu_memory_gb: float = opt(80.0, "GPU size the memory estimate plans for when no GPU is visible")
 
 
@@ -171,7 +175,7 @@ def format_time(seconds):
 class Run:
     """What set-up builds and both phases share (model, tokenizer, prompt setup, held-out problems), and the
     scaffolding around every step of either phase: the tqdm bar and ETA, the bad-step guard, the metrics row
-    and log line, and saving ckpt/ every save_every steps or when Ctrl-C asked to stop."""
+    and log line, and saving ckpt/ every save_every steps or when a signal asked to stop (main)."""
 
     def __init__(self, cfg, gcfg, device, model, tok, test_problems, stop_requested):
         self.cfg, self.gcfg, self.device, self.model, self.tok = cfg, gcfg, device, model, tok
@@ -195,15 +199,19 @@ class Run:
         if not finite:
             print(f"{what}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
             if self.bad_steps >= self.cfg.max_bad_steps:
-                raise RuntimeError(f"{self.bad_steps} non-finite steps in a row: the run diverged; lower the "
-                                   f"learning rate or resume from an earlier checkpoint")
+                raise SystemExit(f"error: {self.bad_steps} non-finite steps in a row: the run diverged; lower the "
+                                 f"learning rate, or resume from {self.cfg.out_dir}/ckpt with --resume")
         return finite
 
     def log(self, row, line=None):
         """Append one JSON row to metrics.jsonl (opened and closed at once, so a kill loses nothing) and print
         the log line with the elapsed time (and the phase's ETA for a step row)."""
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({**row, "time": time.time() - self.t_start}) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({**row, "time": time.time() - self.t_start}) + "\n")
+        except OSError as e:  # a full disk: the checkpoints already written stay valid
+            raise SystemExit(f"error: could not append to {self.metrics_path} ({e.strerror or e}); the last "
+                             f"checkpoint in {self.cfg.out_dir}/ckpt is intact: free some space, then --resume")
         if line is not None:
             done = row["step"] + 1 - self.phase_start
             eta = (time.time() - self.t_phase) / max(done, 1) * (self.total - row["step"] - 1)
@@ -216,7 +224,7 @@ class Run:
         save_checkpoint(os.path.join(self.cfg.out_dir, name), self.model, self.tok, self.cfg, self.gcfg, state)
 
     def save_or_stop(self, phase, step, optimizer):
-        """After a step: save ckpt/ every save_every steps, or now and return True if Ctrl-C asked to stop."""
+        """After a step: save ckpt/ every save_every steps, or now and return True if a signal asked to stop."""
         if self.stop_requested or step % self.cfg.save_every == 0:
             self.save("ckpt", phase, step, optimizer)
         if self.stop_requested:
@@ -243,8 +251,14 @@ def setup(argv, stop_requested):
     try:
         overrides = parse_args(argv)
         device = pick_device(overrides.get("device", "auto"))
-        resume_from = checkpoint_dir(overrides.get("out_dir", "out")) if overrides.get("resume") else None
+        resume_from, state = load_checkpoint_state(overrides.get("out_dir", "out")) if overrides.get("resume") \
+            else (None, None)
         cfg, gcfg = resolve_config(overrides, device, read_run_config(resume_from) if resume_from else None)
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if state:  # metrics.jsonl is cut back to the checkpoint's position
+            truncate_metrics(metrics_path, state["phase"], state["step"])
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run starts a fresh log
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
@@ -282,12 +296,16 @@ def setup(argv, stop_requested):
     print(f"model: {count_params(mc) / 1e6:.2f}M parameters, {mc.n_layers} layers, dim {mc.dim}, on {device} "
           f"({precision}); tokenizer n_vocab {tok.n_vocab}; template {run.template}; stop ids {run.stop_ids}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    state = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False) if resume_from else None
-    if state:  # metrics.jsonl is cut back to the checkpoint's position
-        truncate_metrics(run.metrics_path, state["phase"], state["step"])
+    ckpt_bytes, need = disk_needed(cfg.out_dir, model, with_warmup=cfg.init == "scratch")
+    free = shutil.disk_usage(cfg.out_dir).free
+    print(f"checkpoints: ckpt/ {ckpt_bytes / 2**30:.2f} GiB (weights + AdamW state); the run needs "
+          f"{need / 2**30:.2f} GiB more disk at the peak of a save, {free / 2**30:.1f} GiB are free")
+    if cfg.check_disk and need > free:
+        raise SystemExit(f"error: {cfg.out_dir} has {free / 2**30:.2f} GiB free, but this run's checkpoints need "
+                         f"{need / 2**30:.2f} GiB more (ckpt/ twice during a save, plus warmup/ and final/); free "
+                         f"some space, choose another --out_dir, or pass --check_disk=false")
+    if state:
         print(f"resuming from {resume_from}: phase {state['phase']}, step {state['step']}")
-    elif os.path.exists(run.metrics_path):
-        os.remove(run.metrics_path)  # a fresh run starts a fresh log
     return run, state
 
 # -----------------------------------------------------------------------------
@@ -328,7 +346,7 @@ def warmup_batch(cfg, step, tok, template):
 
 
 def warmup(run, state):
-    """Next-token prediction on demonstrations; returns False if Ctrl-C stopped the run (ckpt/ saved)."""
+    """Next-token prediction on demonstrations; returns False if a signal stopped the run (ckpt/ saved)."""
     cfg, model = run.cfg, run.model
     optimizer, start = run.adamw(cfg.warmup_lr, 0.95, state)  # nanoGPT's beta2 for pre-training
     print(f"warm-up: {cfg.warmup_steps} steps x {cfg.warmup_batch_size} demonstrations (one per row, length-"
@@ -351,10 +369,11 @@ def warmup(run, state):
             micro_loss = (losses * mask.flatten()).sum() / num_tokens
             micro_loss.backward()
             loss += micro_loss.detach()
-        if not run.step_is_finite(torch.isfinite(loss).item(), f"warm-up step {step}"):
-            optimizer.zero_grad(set_to_none=True)
-            continue
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.gcfg.max_grad_norm or float("inf"))
+        if not run.step_is_finite(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item(),
+                                  f"warm-up step {step}"):
+            optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient never reaches the weights
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = sum(x.numel() for x, _, _ in micro_batches) / (time.time() - t0)
@@ -397,6 +416,7 @@ def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size):
 
 
 def train_rl(run, state):
+    """The GRPO loop; returns False if a signal stopped the run (ckpt/ saved), True when it finished."""
     cfg, gcfg, model, tok, G = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size
     optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
     if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup, and ckpt/ at RL step 0
@@ -460,32 +480,42 @@ def train_rl(run, state):
                 tqdm.write(f"  sample (reward {rewards[i]:.1f}) {row_problems[i].to_dict()}: {texts[i][:300]!r}")
         # ---- 7. save
         if run.save_or_stop("rl", step + 1, optimizer):
-            return
+            return False
     print(f"done in {format_time(time.time() - run.t_start)}; final model in {cfg.out_dir}/final")
+    return True
 
 # -----------------------------------------------------------------------------
 # The run
 
 
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+
+
 def main(argv=None):
-    """Ctrl-C sets a flag; the loop saves after the current step and exits. A second Ctrl-C stops at once."""
+    """Ctrl-C, SIGTERM (what SLURM, Kubernetes and torchrun send before a kill) and SIGUSR1 (SLURM's --signal
+    ahead of the time limit) set a flag; the loop saves after the current step and exits with 128 + the signal's
+    number. A second Ctrl-C stops at once."""
     stop_requested = []
 
-    def on_sigint(signum, frame):
-        stop_requested.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: saving a checkpoint after this step (press again to quit without saving)")
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    def on_signal(signum, frame):
+        stop_requested.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step"
+              + (" (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""))
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
         run, state = setup(sys.argv[1:] if argv is None else argv, stop_requested)
         if state is None or state["phase"] == "warmup":
             if run.cfg.init == "scratch" and run.cfg.warmup_steps > 0 and not warmup(run, state):
-                return
+                raise SystemExit(128 + stop_requested[0])
             state = None
-        train_rl(run, state)
+        if not train_rl(run, state):
+            raise SystemExit(128 + stop_requested[0])
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
