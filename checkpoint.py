@@ -190,14 +190,16 @@ def truncate_metrics(path, phase, step):
     for n, line in lines:
         try:
             row = json.loads(line)
-            assert isinstance(row, dict) and row.get("phase") in order and isinstance(row.get("step"), int)
-            rows.append(row)
-        except (ValueError, AssertionError):
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and row.get("phase") in order and isinstance(row.get("step"), int)):
             if n == lines[-1][0]:
-                print(f"{path}: dropped its torn last line {n} ({len(line.strip())} characters of an interrupted write)")
+                print(f"{path}: dropped its torn last line {n} ({len(line.strip())} characters, an interrupted "
+                      f"write)")
                 continue
             raise ValueError(f"{path}, line {n}: not a metrics row ({line.strip()[:60]!r}); delete or repair that "
-                             f"line, then --resume again") from None
+                             f"line, then --resume again")
+        rows.append(row)
     keep = [r for r in rows if (order[r["phase"]], r["step"]) < (order[phase], step)]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
