@@ -4,7 +4,8 @@ response length, "aha" phrases, and which problems each model can solve at all.
     python eval.py                                   # latest of out/final, out/ckpt, out/warmup
     python eval.py --ckpt out/warmup --n_samples=256  # any of our model directories or a HF Qwen2 directory
     python eval.py --compare out/warmup out/final --plot
-    python eval.py --ckpt Qwen2.5-0.5B --math_file gsm8k_test.jsonl --n_samples=16
+    python eval.py --ckpt Qwen2.5-3B --benchmark=bbh --data=BIG-Bench-Hard/bbh --shots=3
+    python eval.py --grade=responses.jsonl --benchmark=gsm8k   # grade existing responses, no model
     python eval.py --help                            # every field of EvalConfig with its default
 
 Protocol (limit-of-RLVR, Yue et al. 2025, arXiv 2504.13837, Sec. 2 and App. A.2): zero-shot prompts, n samples
@@ -14,10 +15,10 @@ sample) and its overlap between two models. Greedy accuracy (temperature 0) is r
 - Countdown: the held-out set countdown.test_set with the difficulty knobs and prompt template of the
   checkpoint's run_config.json (TinyZero defaults, 3-4 numbers in 1..99, for a plain HF directory), scored by
   rewards.reward, whose failure reasons are counted.
-- Math (--math_file): a local JSONL, GSM8K rows {"question", "answer": "... #### N"} or MATH rows {"problem",
-  "solution": "... \\boxed{...}"}; prompt "{question}\\nPlease reason step by step, and put your final answer
-  within \\boxed{}." (SimpleRL's, used by limit-of-RLVR). The grader is our own (GRADER below); its numbers
-  are NOT directly comparable to Math-Verify or lm-evaluation-harness, which differ by several points.
+- GSM8K, MATH, BBH, MMLU-Pro (--benchmark=NAME --data=FILE, benchmarks.py): each from its published file,
+  zero-shot (GSM8K and MATH with SimpleRL's "Please reason step by step, and put your final answer within
+  \\boxed{}.", as limit-of-RLVR) or --shots=k, graded by rules checked against each benchmark's own grader on
+  real graded outputs, with accuracy per BBH task / MMLU-Pro category. --grade=FILE grades existing responses.
 Choices: --compare uses the same problems, n, seeds and max_new_tokens for both models (each with its own prompt
 template); sampling prefills each prompt once and samples in chunks of at most batch_size rows, so memory is
 bounded whatever n is. The default run (200 problems, n=16) takes minutes on a CPU; the paper uses n=128..1024.
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import countdown
 from checkpoint import read_run_config
 from cli import opt, parse, pick_device, run_script
@@ -62,8 +64,14 @@ class EvalConfig:
     seed: int = opt(0, "sampling seed (the same per problem for every compared model)")
     template: str = opt("", 'base | chat | compact | auto; "" = run_config.json\'s; auto = train.py\'s rule')
     problems_file: str = opt("", "Countdown problems as JSONL (countdown.save_problems) instead of test_set")
-    math_file: str = opt("", "GSM8K or MATH JSONL; evaluates it instead of Countdown")
-    math_format: str = opt("auto", "gsm8k | math | auto (from the first row's keys)")
+    benchmark: str = opt("countdown", "countdown | gsm8k | math | bbh | mmlu_pro (benchmarks.py); all but countdown "
+                                      "read --data")
+    data: str = opt("", "the benchmark's file in its published format (BBH: its directory of TASK.jsonl files)")
+    shots: int = opt(0, "worked examples before each question: BBH's official 3, else the first k of --shots_file")
+    shots_file: str = opt("", "GSM8K, MATH or MMLU-Pro exemplars, in the benchmark's own format")
+    grade: str = opt("", "grade this JSONL of responses (the benchmark's fields + 'response') without a model")
+    math_file: str = opt("", "GSM8K or MATH JSONL: the same as --benchmark=gsm8k|math --data=FILE")
+    math_format: str = opt("auto", "gsm8k | math | auto (from the first row's keys), with --math_file")
     out_dir: str = opt("eval_out", "where results.json, generations.jsonl and passk.png go")
     plot: bool = opt(False, "also draw the pass@k curves (needs matplotlib)")
     device: str = opt("auto", "auto = cuda, then mps, then cpu")
@@ -84,7 +92,9 @@ def parse_args(argv):
         ("max_new_tokens >= 0", cfg.max_new_tokens >= 0), ("math_format gsm8k|math|auto",
                                                            cfg.math_format in ("gsm8k", "math", "auto")),
         ("template base|chat|compact|auto", cfg.template in ("", "auto", "base", "chat", "compact")),
-        ("dtype float32|bfloat16|float16|auto", cfg.dtype in ("auto", "float32", "bfloat16", "float16"))] if not ok]
+        ("dtype float32|bfloat16|float16|auto", cfg.dtype in ("auto", "float32", "bfloat16", "float16")),
+        ("benchmark countdown|" + "|".join(benchmarks.BENCHMARK_NAMES),
+         cfg.benchmark in ("countdown", *benchmarks.BENCHMARK_NAMES)), ("shots >= 0", cfg.shots >= 0)] if not ok]
     if wrong:
         raise SystemExit("invalid options, need: " + "; ".join(wrong))
     return cfg
@@ -107,118 +117,6 @@ def ks_for(n):
     """k = 1, 2, 4, ... <= n, and n itself."""
     ks = [2 ** j for j in range(n.bit_length()) if 2 ** j <= n]
     return ks if ks[-1] == n else ks + [n]
-
-# -----------------------------------------------------------------------------
-# Math answers: extraction and normalisation (our grader; see GRADER)
-
-GRADER = ("answer = last \\boxed{...}/\\fbox{...} (brace-matched; also '\\boxed 5'), else the last '#### N', else "
-          "the last number; both sides normalised (spaces, $, \\%, %, thousands commas, trailing '.', 'x =' "
-          "prefixes, \\text units, \\dfrac/\\tfrac -> \\frac) and numbers compared exactly as fractions "
-          "(5.00 = 5, 0.5 = 1/2 = \\frac{1}{2}), anything else as strings. Not Math-Verify / lm-eval-harness.")
-NUMBER = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+"  # "1,234.5", "42", ".5"
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} or \\fbox{...} (nested braces matched), or of "\\boxed 5"; else None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start + (6 if text.startswith("\\boxed", start) else 5):]
-    if rest.startswith(" "):  # "\boxed 5$": up to the next space or $
-        return re.split(r"[\s$]", rest.lstrip(), maxsplit=1)[0] or None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return rest[1:i]
-    return None  # unbalanced braces: no answer
-
-
-def extract_math_answer(text):
-    """The model's final answer: last boxed, else last '#### N', else the last number, else None."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    hashes = re.findall(r"####\s*([^\n]+)", text)
-    if hashes and hashes[-1].strip():
-        return hashes[-1].strip()
-    numbers = re.findall(rf"(?:{NUMBER})(?:/\d+)?", text)
-    return numbers[-1] if numbers else None
-
-
-def normalize_answer(answer):
-    """Canonical form of an answer: numbers as reduced fractions ("5", "1/2", "-3/4"), else cleaned text."""
-    s = answer.strip()
-    for junk in ("\\!", "\\left", "\\right", "\\,", "\\;", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}"):
-        s = s.replace(junk, "")
-    s = re.sub(r"^\s*[a-zA-Z]{1,2}\s*=\s*", "", s)  # "x = 5" -> "5" (Hendrycks: left side of <= 2 chars)
-    s = re.sub(r"^(-?[\d.,/]+)\s*\\(?:text|mbox)\{[^{}]*\}$", r"\1", s)  # "5\text{ cm}" -> "5"
-    s = re.sub(r"\\(?:text|mbox)\{([^{}]*)\}", r"\1", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace(" ", "")
-    s = re.sub(r"\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", r"\1/\2", s)  # \frac{1}{2} -> 1/2
-    s = re.sub(r"\\frac(\d)(\d)", r"\1/\2", s)  # \frac12 -> 1/2
-    s = re.sub(r"(\d),(?=\d{3}(?!\d))", r"\1", s).rstrip(".")  # 1,234 -> 1234; "42." -> "42"
-    match = re.fullmatch(r"(-?\d*\.?\d+)(?:/(-?\d*\.?\d+))?", s)
-    if match:
-        den = Fraction(match.group(2) or "1")  # exact: 5.00 == 5 and 0.5 == 1/2
-        if den != 0:
-            return str(Fraction(match.group(1)) / den)
-    return s
-
-
-def score_math(response, gold):
-    """(reward, reason) like the Countdown reward: 1.0 "correct", 0.0 "wrong_value" or "no_answer"."""
-    answer = extract_math_answer(response)
-    if answer is None:
-        return 0.0, "no_answer"
-    return (1.0, "correct") if normalize_answer(answer) == normalize_answer(gold) else (0.0, "wrong_value")
-
-
-def load_math_file(path, math_format="auto"):
-    """Rows {"question", "answer"} (gold answer text) from a GSM8K or MATH JSONL; errors name the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"math file {path!r} does not exist; pass a JSONL of GSM8K or MATH rows")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object")
-            fmt = math_format if math_format != "auto" else "gsm8k" if "question" in row else "math"
-            keys = ("question", "answer") if fmt == "gsm8k" else ("problem", "solution")
-            if not all(isinstance(row.get(key), str) for key in keys):
-                raise ValueError(f"{path}, line {line_number}: a {fmt} row needs string fields {keys}, got keys "
-                                 f"{sorted(row)}")
-            if fmt == "gsm8k":  # gold = the text after the last "####"
-                gold = row["answer"].split("####")[-1].strip() if "####" in row["answer"] else None
-            else:  # gold = the last \boxed{...} of the solution
-                gold = last_boxed(row["solution"])
-            if not gold:
-                raise ValueError(f"{path}, line {line_number}: no gold answer (GSM8K answers end in '#### N', "
-                                 f"MATH solutions contain \\boxed{{...}})")
-            rows.append({"question": row[keys[0]], "answer": gold, "format": fmt})
-    if not rows:
-        raise ValueError(f"math file {path!r} is empty")
-    return rows
-
-# -----------------------------------------------------------------------------
-# Prompts (Countdown's are countdown.render_prompt's, exactly as in training)
-
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def math_prompt(row, template, tokenizer):
-    """Zero-shot: SimpleRL's user turn in a chat template, or as plain "Question: ... Answer:" text."""
-    if template == "chat":
-        return tokenizer.chat_template([{"role": "user", "content": f"{row['question']}\n{MATH_INSTRUCTION}"}])
-    return f"Question: {row['question']}\n{MATH_INSTRUCTION}\nAnswer:"
 
 # -----------------------------------------------------------------------------
 # "Aha" and self-verification phrases (R1-Zero's "aha moment"), matched case-insensitively on word boundaries
@@ -295,14 +193,24 @@ def greedy(model, prompt_ids, max_new_tokens, stop_ids, vocab_limit, batch_size)
     return completions
 
 
-def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
+def render_prompts(task, items, template, tokenizer, cfg, data):
+    """Countdown's prompt (as in training) or the benchmark's, with its exemplars (built once per group)."""
+    if task == "countdown":
+        return [countdown.render_prompt(item, template, tokenizer) for item in items]
+    shots = {}
+    for item in items:
+        if item["group"] not in shots:
+            shots[item["group"]] = benchmarks.exemplars(task, item, cfg.shots, data, cfg.shots_file)
+    return [benchmarks.prompt(task, item, template, tokenizer, shots[item["group"]]) for item in items]
+
+
+def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data):
     """Greedy + n samples per problem for one model; writes every generation to jsonl; returns its metrics."""
     model, tokenizer = load_model(path, cfg)
     run_config = read_run_config(path)
     template, stop_ids = countdown.prompt_setup(tokenizer, cfg.template or run_config.get("template", "auto"),
                                                 run_config.get("init") == "scratch")
-    render = math_prompt if task == "math" else countdown.render_prompt
-    prompts = [render(item, template, tokenizer) for item in items]
+    prompts = render_prompts(task, items, template, tokenizer, cfg, data)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     room = model.config.max_seq_len - max(len(p) for p in prompt_ids)
     if room < 1:
@@ -319,13 +227,14 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
         content = tokens[:-1] if stopped else tokens  # the stop token is not part of the text
         response = tokenizer.decode(content)
         item = items[i]
-        if task == "math":
-            reward_value, reason = score_math(response, item["answer"])
-        else:
+        if task == "countdown":
             reward_value, reason = reward(response, item)
+        else:
+            right, _, reason = benchmarks.grade(task, response, item)
+            reward_value = float(right)
         correct, phrases = is_correct(reason), aha_phrases(response)
         jsonl.write(json.dumps({"model": label, "kind": kind, "problem_index": i, "sample": j,
-                                "problem": item if task == "math" else item.to_dict(), "prompt": prompts[i],
+                                "problem": item.to_dict() if task == "countdown" else item, "prompt": prompts[i],
                                 "response": response, "reward": reward_value, "reason": reason, "correct": correct,
                                 "length": len(content), "stopped": stopped, "aha": phrases}) + "\n")
         if kind == "greedy":
@@ -345,14 +254,17 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl):
         for j, tokens in enumerate(completions):
             record("sample", i, j, tokens)
     del model
-    return {"ckpt": path, "template": template, "max_new_tokens": max_new_tokens, **summarize(stats, cfg.n_samples)}
+    groups = [item["group"] for item in items] if task != "countdown" else None
+    return {"ckpt": path, "template": template, "max_new_tokens": max_new_tokens,
+            **summarize(stats, cfg.n_samples, groups)}
 
 # -----------------------------------------------------------------------------
 # Metrics
 
 
-def summarize(stats, n):
-    """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples."""
+def summarize(stats, n, groups=None):
+    """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples. groups:
+    each problem's BBH task or MMLU-Pro category, for a breakdown of greedy accuracy and pass@1."""
     counts, samples = stats["correct"], np.array(stats["samples"], dtype=np.float64)  # (P*n, 3)
     correct, lengths, aha = samples[:, 0] > 0, samples[:, 1], samples[:, 2] > 0
     total = len(samples)
@@ -377,7 +289,12 @@ def summarize(stats, n):
                     "accuracy_with": mean(correct[aha]), "accuracy_without": mean(correct[~aha])},
             "correct_counts": counts,
             "solved": [i for i, c in enumerate(counts) if c > 0],  # the "solvable set": correct at some k <= n
-            "greedy_correct": stats["greedy"]}
+            "greedy_correct": stats["greedy"],
+            "by_group": None if groups is None else {
+                group: {"n": sum(g == group for g in groups),
+                        "greedy_accuracy": float(np.mean([a for a, g in zip(stats["greedy"], groups) if g == group])),
+                        "pass_at_1": float(np.mean([c / n for c, g in zip(counts, groups) if g == group]))}
+                for group in sorted(set(groups))}}
 
 
 def overlap(a, b):
@@ -408,6 +325,9 @@ def print_table(results):
              ("corr(length, correct)", lambda m: m["length"]["point_biserial_r"])]
     rows += [(f"reason: {r}", lambda m, r=r: m["reasons"].get(r, 0.0))
              for r in sorted({r for m in models for r in m["reasons"]})]
+    rows += [(f"greedy, pass@1: {g}"[:26], lambda m, g=g: f"{fmt(m['by_group'][g]['greedy_accuracy'])}, "
+                                                         f"{fmt(m['by_group'][g]['pass_at_1'])}")
+             for g in (models[0]["by_group"] or {})]
     rows += [("aha phrase in response", lambda m: m["aha"]["fraction_with"]),
              ("accuracy: aha/no aha", lambda m: f"{fmt(m['aha']['accuracy_with'])}/"
                                                 f"{fmt(m['aha']['accuracy_without'])}")]
@@ -464,7 +384,48 @@ def main(argv=None):
         raise SystemExit(f"eval.py: {e}") from None
 
 
+def benchmark_and_data(cfg):
+    """(benchmark, its file) from --benchmark/--data, or from the older --math_file/--math_format."""
+    if not cfg.math_file:
+        if cfg.benchmark != "countdown" and not (cfg.data or cfg.grade):
+            raise ValueError(f"--benchmark={cfg.benchmark} needs --data=FILE, the benchmark's file")
+        return cfg.benchmark, cfg.data
+    if cfg.math_format != "auto":
+        return cfg.math_format, cfg.math_file
+    return ("gsm8k" if "question" in benchmarks.read_jsonl(cfg.math_file)[0] else "math"), cfg.math_file
+
+
+def grade_file(cfg):
+    """--grade FILE: grade a JSONL of existing responses (each row the benchmark row's own fields plus "response")
+    without a model -> accuracy overall and per task or category; every row with its verdict in graded.jsonl."""
+    task, _ = benchmark_and_data(cfg)
+    if task == "countdown":
+        raise ValueError("--grade needs --benchmark=gsm8k|math|bbh|mmlu_pro")
+    rows = benchmarks.load(task, cfg.grade)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    groups = {}
+    with open(os.path.join(cfg.out_dir, "graded.jsonl"), "w", encoding="utf-8") as f:
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row.get("response"), str):
+                raise ValueError(f"{cfg.grade}, row {number}: no 'response' text to grade")
+            correct, extracted, reason = benchmarks.grade(task, row["response"], row)
+            groups.setdefault(row["group"], []).append(correct)
+            f.write(json.dumps({**row, "correct": correct, "extracted": extracted, "reason": reason}) + "\n")
+    results = {"benchmark": task, "n": len(rows), "accuracy": sum(map(sum, groups.values())) / len(rows),
+               "by_group": {g: {"n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())},
+               "grader": benchmarks.GRADER_RULES[task]}
+    print(f"{task}: {results['n']} responses, accuracy {100 * results['accuracy']:.2f}%")
+    for group, r in results["by_group"].items() if len(groups) > 1 else ():
+        print(f"  {group:<44} {r['n']:>6}  {100 * r['accuracy']:6.2f}%")
+    print(f"grader: {results['grader']}\nwrote {cfg.out_dir}/graded.jsonl")
+    with open(os.path.join(cfg.out_dir, "graded.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
 def run(cfg):
+    if cfg.grade:
+        return grade_file(cfg)
     paths = list(cfg.compare) or [resolve_ckpt(cfg)]
     for path in paths:
         if not os.path.isdir(path):
@@ -473,29 +434,30 @@ def run(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_config = read_run_config(paths[0])  # difficulty knobs and test set of the first model's run
-    if cfg.math_file:
-        task, items = "math", load_math_file(cfg.math_file, cfg.math_format)
-        items = items[:cfg.n_problems or len(items)]
+    task, data = benchmark_and_data(cfg)
+    if task != "countdown":
+        items = benchmarks.load(task, data)[:cfg.n_problems or None]
     elif cfg.problems_file:
-        task, items = "countdown", countdown.load_problems(cfg.problems_file)[:cfg.n_problems or None]
+        items = countdown.load_problems(cfg.problems_file)[:cfg.n_problems or None]
         if not items:
             raise SystemExit(f"no problems in {cfg.problems_file}")
     else:  # held-out set; TinyZero's difficulty (3-4 numbers in 1..99) when the run_config does not say
         knobs = {key: run_config[key] for key in ("n_nums", "num_range", "target_range") if key in run_config}
         knobs = {key: tuple(v) if isinstance(v, list) else v for key, v in knobs.items()}
         n = cfg.n_problems or run_config.get("eval_size", 1000)
-        task, items = "countdown", countdown.test_set(n, **knobs)
+        items = countdown.test_set(n, **knobs)
     max_new_tokens = cfg.max_new_tokens or run_config.get("max_new_tokens", 1024)
     labels = short_labels(paths)
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = {"task": task, "n_problems": len(items),
-               "grader": GRADER if task == "math" else "rewards.reward (exact arithmetic; TinyZero's 1.0 / 0.1 / 0.0)",
+               "grader": benchmarks.GRADER_RULES.get(task, "rewards.reward (exact arithmetic; TinyZero's 1.0 / 0.1 / "
+                                                           "0.0)"),
                "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                             "max_new_tokens": max_new_tokens, "seed": cfg.seed},
                "config": asdict(cfg), "models": {}, "overlap": None}
     with open(os.path.join(cfg.out_dir, "generations.jsonl"), "w", encoding="utf-8") as jsonl:
         for label, path in zip(labels, paths):
-            results["models"][label] = evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl)
+            results["models"][label] = evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data)
     if len(labels) == 2:
         results["overlap"] = overlap(*results["models"].values())
     print_table(results)

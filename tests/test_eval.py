@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import benchmarks
 import eval as ev
 
 # -----------------------------------------------------------------------------
@@ -50,82 +51,10 @@ def test_pass_at_k_edge_cases_and_errors():
 # Math answers
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("so x = \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("first \\boxed{1} then \\boxed{{a}+\\sqrt{2}}", "{a}+\\sqrt{2}"),
-    ("\\fbox{7}", "7"),
-    ("the result is $\\boxed 12$.", "12"),
-    ("cut off \\boxed{3", "3"),  # an unbalanced box is no box: the last number is used
-    ("cut off \\boxed{x", None),
-    ("The answer is 42.", "42"),
-    ("Natalia sold 48/2 = 24 clips... #### 1,234\n", "1,234"),
-    ("costs $5.00 in total", "5.00"),
-    ("it costs 1,234,567 dollars", "1,234,567"),
-    ("half is 3/4", "3/4"),
-    ("no number at all", None),
-    ("", None),
-])
-def test_extract_math_answer(text, answer):
-    assert ev.extract_math_answer(text) == answer
-
-
-@pytest.mark.parametrize("a, b", [
-    ("1,234", "1234"), ("$5.00", "5"), ("42.", "42"), ("7.0", "7"), ("\\frac{1}{2}", "0.5"),
-    ("\\dfrac{3}{4}", "3/4"), ("\\tfrac12", "1/2"), ("50\\%", "50"), ("50%", "50"), (" 1 000 ", "1000"),
-    ("x = 5", "5"), ("-\\frac{2}{4}", "-1/2"), ("5\\text{ cm}", "5"), ("\\text{Evelyn}", "Evelyn"),
-    ("\\left( 1, 2 \\right)", "(1,2)"), (".5", "1/2"), ("90^\\circ", "90"),
-])
-def test_normalize_answer_equal(a, b):
-    assert ev.normalize_answer(a) == ev.normalize_answer(b)
-
-
-@pytest.mark.parametrize("a, b", [("12", "21"), ("1/3", "0.333"), ("1234", "1235"), ("\\sqrt{2}", "2"),
-                                  ("-5", "5"), ("Evelyn", "Emma")])
-def test_normalize_answer_different(a, b):
-    assert ev.normalize_answer(a) != ev.normalize_answer(b)
-
-
-def test_score_math():
-    assert ev.score_math("... so \\boxed{\\frac{1}{2}}", "0.5") == (1.0, "correct")
-    assert ev.score_math("The answer is 1,234.", "1234") == (1.0, "correct")
-    assert ev.score_math("The answer is 17.", "18") == (0.0, "wrong_value")
-    assert ev.score_math("I don't know", "18") == (0.0, "no_answer")
-
-
 def write(path, lines):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return str(path)
-
-
-def test_load_math_file_gsm8k_and_math(tmp_path):
-    gsm = write(tmp_path / "gsm.jsonl", [json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}), "",
-                                         json.dumps({"question": "big?", "answer": "#### 1,234"})])
-    rows = ev.load_math_file(gsm)
-    assert [(r["question"], r["answer"], r["format"]) for r in rows] == [("1+1?", "2", "gsm8k"),
-                                                                         ("big?", "1,234", "gsm8k")]
-    math_row = {"problem": "half?", "solution": "is \\boxed{\\frac{1}{2}}"}
-    math_file = write(tmp_path / "math.jsonl", [json.dumps(math_row)])
-    assert ev.load_math_file(math_file, "auto")[0]["answer"] == "\\frac{1}{2}"
-    assert ev.load_math_file(math_file, "math")[0]["format"] == "math"
-
-
-def test_load_math_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ev.load_math_file(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ValueError, match="empty"):
-        ev.load_math_file(write(tmp_path / "empty.jsonl", [""]))
-    good = json.dumps({"question": "q", "answer": "#### 1"})
-    with pytest.raises(ValueError, match="line 3: not valid JSON"):
-        ev.load_math_file(write(tmp_path / "bad.jsonl", [good, good, "{oops"]))
-    with pytest.raises(ValueError, match="line 2: no gold answer"):
-        ev.load_math_file(write(tmp_path / "nohash.jsonl", [good, json.dumps({"question": "q", "answer": "2"})]))
-    with pytest.raises(ValueError, match="line 1: a gsm8k row needs"):
-        ev.load_math_file(write(tmp_path / "keys.jsonl", [json.dumps({"question": "q"})]))
-    with pytest.raises(ValueError, match="line 1: no gold answer"):
-        ev.load_math_file(write(tmp_path / "nobox.jsonl", [json.dumps({"problem": "p", "solution": "2"})]))
-    with pytest.raises(SystemExit, match="empty"):  # through main: a message, not a traceback
-        ev.main(["--ckpt", str(tmp_path), "--math_file", str(tmp_path / "empty.jsonl")])
 
 
 def test_aha_phrases():
@@ -290,15 +219,16 @@ def test_default_countdown_set_and_math_end_to_end(tmp_path, one_thread):
     gsm = write(tmp_path / "gsm.jsonl", [json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"})
                                          for i in range(3)])
     results = ev.main([f"--ckpt={tmp_path / 'run'}", f"--math_file={gsm}", "--n_samples=2", f"--out_dir={out}"])
-    assert results["task"] == "math" and "Math-Verify" in results["grader"]
+    assert results["task"] == "gsm8k" and "gsm8k_grade" in results["grader"]
     rows = check_against_generations(results, out, n=2)
-    assert rows[0]["prompt"] == "Question: 0+1?\n" + ev.MATH_INSTRUCTION + "\nAnswer:"
+    assert rows[0]["prompt"] == "Question: 0+1?\n" + benchmarks.MATH_INSTRUCTION + "\nAnswer:"
+    assert list(results["models"]["final"]["by_group"]) == ["gsm8k"]
 
 
 def test_math_chat_prompt():
     from tokenizer import byte_tokenizer
-    prompt = ev.math_prompt({"question": "1+1?", "answer": "2"}, "chat", byte_tokenizer())
-    assert prompt == "<|im_start|>user\n1+1?\n" + ev.MATH_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
+    prompt = benchmarks.prompt("gsm8k", {"question": "1+1?"}, "chat", byte_tokenizer())
+    assert prompt == "<|im_start|>user\n1+1?\n" + benchmarks.MATH_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_bad_checkpoints_give_messages(tmp_path):
