@@ -6,6 +6,7 @@ response length, "aha" phrases, and which problems each model can solve at all.
     python eval.py --compare out/warmup out/final --plot
     python eval.py --ckpt Qwen2.5-3B --benchmark=bbh --data=BIG-Bench-Hard/bbh --shots=3
     python eval.py --grade=responses.jsonl --benchmark=gsm8k   # grade existing responses, no model
+    python eval.py --suite BASE RL --suite_files gsm8k=gsm8k.jsonl math=math500.jsonl bbh=bbh mmlu_pro=mmlu.jsonl
     python eval.py --help                            # every field of EvalConfig with its default
 
 Protocol (limit-of-RLVR, Yue et al. 2025, arXiv 2504.13837, Sec. 2 and App. A.2): zero-shot prompts, n samples
@@ -30,8 +31,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
-from fractions import Fraction
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -70,6 +70,8 @@ class EvalConfig:
     shots: int = opt(0, "worked examples before each question: BBH's official 3, else the first k of --shots_file")
     shots_file: str = opt("", "GSM8K, MATH or MMLU-Pro exemplars, in the benchmark's own format")
     grade: str = opt("", "grade this JSONL of responses (the benchmark's fields + 'response') without a model")
+    suite: tuple = opt((), "two model directories: the seed paper's table over every benchmark of --suite_files")
+    suite_files: tuple = opt((), "NAME=FILE per benchmark for --suite, e.g. gsm8k=test.jsonl bbh=BBH_DIR countdown=")
     math_file: str = opt("", "GSM8K or MATH JSONL: the same as --benchmark=gsm8k|math --data=FILE")
     math_format: str = opt("auto", "gsm8k | math | auto (from the first row's keys), with --math_file")
     out_dir: str = opt("eval_out", "where results.json, generations.jsonl and passk.png go")
@@ -87,6 +89,9 @@ def parse_args(argv):
         raise SystemExit(f"eval.py: {e}") from None
     wrong = [rule for rule, ok in [
         ("--compare takes two directories", len(cfg.compare) in (0, 2)), ("n_samples >= 1", cfg.n_samples >= 1),
+        ("--suite takes two directories and --suite_files NAME=FILE ...", len(cfg.suite) in (0, 2)
+         and all(f.partition("=")[0] in ("countdown", *benchmarks.BENCHMARK_NAMES) for f in cfg.suite_files)
+         and (not cfg.suite or cfg.suite_files)),
         ("batch_size >= 1", cfg.batch_size >= 1), ("n_problems >= 0", cfg.n_problems >= 0),
         ("temperature >= 0", cfg.temperature >= 0), ("0 < top_p <= 1", 0 < cfg.top_p <= 1),
         ("max_new_tokens >= 0", cfg.max_new_tokens >= 0), ("math_format gsm8k|math|auto",
@@ -423,9 +428,33 @@ def grade_file(cfg):
     return results
 
 
+def run_suite(cfg):
+    """--suite A B: both models on every benchmark of --suite_files (same problems, samples and seeds), each
+    benchmark's results in out_dir/NAME/, and one table of greedy accuracy and pass@1 (suite.json)."""
+    table = {}
+    for name, _, path in (item.partition("=") for item in cfg.suite_files):
+        sub = replace(cfg, suite=(), suite_files=(), compare=cfg.suite, benchmark=name, data=path,
+                                  out_dir=os.path.join(cfg.out_dir, name))
+        results = run(sub)
+        table[name] = {label: {"greedy_accuracy": m["greedy_accuracy"], "pass_at_1": m["pass_at_k"]["1"]}
+                       for label, m in results["models"].items()}
+    labels = list(next(iter(table.values())))
+    print(f"\nsuite: {' vs '.join(cfg.suite)} (greedy accuracy / pass@1 over n={cfg.n_samples})")
+    print(f"{'benchmark':<12}" + "".join(f"{label:>28}" for label in labels))
+    for name, row in table.items():
+        print(f"{name:<12}" + "".join(f"{row[label]['greedy_accuracy']:>14.3f}{row[label]['pass_at_1']:>14.3f}"
+                                      for label in labels))
+    with open(os.path.join(cfg.out_dir, "suite.json"), "w") as f:
+        json.dump({"models": list(cfg.suite), "labels": labels, "table": table}, f, indent=1)
+    print(f"wrote {cfg.out_dir}/suite.json")
+    return table
+
+
 def run(cfg):
     if cfg.grade:
         return grade_file(cfg)
+    if cfg.suite:
+        return run_suite(cfg)
     paths = list(cfg.compare) or [resolve_ckpt(cfg)]
     for path in paths:
         if not os.path.isdir(path):

@@ -146,3 +146,30 @@ def test_mmlu_pro_few_shot_takes_exemplars_of_the_same_category(tmp_path):
     assert text.endswith("Question:\nQ?\nOptions:\nA. x\nB. y\nAnswer: Let's think step by step.")
     with pytest.raises(ValueError, match="fewer than --shots=3"):
         benchmarks.exemplars("mmlu_pro", row, 3, "", str(tmp_path / "pool.jsonl"))
+
+# -----------------------------------------------------------------------------
+# --suite: two models over several benchmarks, one table
+
+
+def test_suite_on_two_tiny_checkpoints(tmp_path):
+    from test_eval import random_model, save_model  # tiny byte-level checkpoints in train.py's layout
+    run_config = {"template": "auto", "init": "scratch", "max_new_tokens": 8, "n_nums": [3, 3],
+                  "num_range": [1, 9], "target_range": [1, 20], "eval_size": 3}
+    a = save_model(tmp_path / "a", random_model(), run_config)
+    b = save_model(tmp_path / "b", random_model().half().float(), run_config)  # slightly different weights
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"{i}+1?", "answer": f"#### {i + 1}"} for i in range(3)])
+    (tmp_path / "bbh").mkdir()
+    write_jsonl(tmp_path / "bbh" / "navigate.jsonl", [{"input": "Go?\nOptions:\n- Yes\n- No", "target": "No"}] * 2)
+    out = tmp_path / "suite"
+    table = ev.main(["--suite", a, b, "--suite_files", f"gsm8k={gsm}", f"bbh={tmp_path / 'bbh'}", "countdown=",
+                     "--n_samples=2", "--n_problems=3", "--threads=1", f"--out_dir={out}"])
+    suite = json.load(open(out / "suite.json"))
+    assert list(suite["table"]) == ["gsm8k", "bbh", "countdown"] and suite["labels"] == ["a", "b"]
+    for name in ("gsm8k", "bbh", "countdown"):
+        results = json.load(open(out / name / "results.json"))  # each benchmark's own full evaluation
+        for label in ("a", "b"):
+            assert table[name][label]["pass_at_1"] == results["models"][label]["pass_at_k"]["1"]
+            assert table[name][label]["greedy_accuracy"] == results["models"][label]["greedy_accuracy"]
+    assert json.load(open(out / "bbh" / "results.json"))["n_problems"] == 2
+    with pytest.raises(SystemExit, match="--suite takes two directories and --suite_files"):
+        ev.main(["--suite", a, b, "--suite_files", "arc=x.jsonl"])
