@@ -6,6 +6,7 @@ response length, "aha" phrases, and which problems each model can solve at all.
     python eval.py --compare out/warmup out/final --plot
     python eval.py --ckpt Qwen2.5-3B --benchmark=bbh --data=BIG-Bench-Hard/bbh --shots=3
     python eval.py --grade=responses.jsonl --benchmark=gsm8k   # grade existing responses, no model
+    python eval.py --analyze=out                    # per RL step: accuracy, format, length, aha phrases
     python eval.py --suite BASE RL --suite_files gsm8k=gsm8k.jsonl math=math500.jsonl bbh=bbh mmlu_pro=mmlu.jsonl
     python eval.py --help                            # every field of EvalConfig with its default
 
@@ -72,6 +73,7 @@ class EvalConfig:
     grade: str = opt("", "grade this JSONL of responses (the benchmark's fields + 'response') without a model")
     suite: tuple = opt((), "two model directories: the seed paper's table over every benchmark of --suite_files")
     suite_files: tuple = opt((), "NAME=FILE per benchmark for --suite, e.g. gsm8k=test.jsonl bbh=BBH_DIR countdown=")
+    analyze: str = opt("", "a train.py run directory: per RL step, what its kept samples show (analysis.json/png)")
     math_file: str = opt("", "GSM8K or MATH JSONL: the same as --benchmark=gsm8k|math --data=FILE")
     math_format: str = opt("auto", "gsm8k | math | auto (from the first row's keys), with --math_file")
     out_dir: str = opt("eval_out", "where results.json, generations.jsonl and passk.png go")
@@ -267,6 +269,15 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data):
 # Metrics
 
 
+def point_biserial(lengths, correct):
+    """Pearson r between length and the 0/1 correctness, r = (M1 - M0) / s * sqrt(p (1 - p)); None if either is
+    constant."""
+    if not (0 < correct.sum() < len(correct) and lengths.std() > 0):
+        return None
+    p, gap = correct.mean(), lengths[correct].mean() - lengths[~correct].mean()
+    return float(gap / lengths.std() * math.sqrt(p * (1 - p)))
+
+
 def summarize(stats, n, groups=None):
     """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples. groups:
     each problem's BBH task or MMLU-Pro category, for a breakdown of greedy accuracy and pass@1."""
@@ -277,11 +288,7 @@ def summarize(stats, n, groups=None):
     def mean(x):  # None for an empty selection (e.g. no correct responses)
         return float(x.mean()) if len(x) else None
 
-    # point-biserial correlation = Pearson r between length and the 0/1 correctness (None if either is constant)
-    r_pb = None
-    if 0 < correct.sum() < total and lengths.std() > 0:  # r_pb = (M1 - M0) / s * sqrt(p (1 - p))
-        p, gap = correct.mean(), lengths[correct].mean() - lengths[~correct].mean()
-        r_pb = float(gap / lengths.std() * math.sqrt(p * (1 - p)))
+    r_pb = point_biserial(lengths, correct)
     return {"n_problems": len(counts), "n_samples": n, "greedy_accuracy": sum(stats["greedy"]) / len(counts),
             # pass@k averaged over problems (limit-of-RLVR, App. A.2)
             "pass_at_k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks_for(n)},
@@ -450,7 +457,52 @@ def run_suite(cfg):
     return table
 
 
+def analyze_run(cfg):
+    """--analyze RUN_DIR: from the rollouts train.py kept (samples.jsonl), per RL step: accuracy, failure reasons
+    (format violations by kind), response length and its correlation with correctness, the share with an "aha"
+    phrase and the accuracy with and without one, and the long-form share (the seed paper's training analyses)."""
+    by_step = {}
+    for row in benchmarks.read_jsonl(os.path.join(cfg.analyze, "samples.jsonl")):
+        by_step.setdefault(row["step"], []).append(row)
+    steps = []
+    for step, rows in sorted(by_step.items()):
+        correct = np.array([is_correct(r["reason"]) for r in rows])
+        lengths = np.array([r["length"] for r in rows], dtype=np.float64)
+        aha = np.array([bool(aha_phrases(r["response"])) for r in rows])
+        steps.append({"step": step, "n": len(rows), "accuracy": float(correct.mean()),
+                      "reasons": {k: v / len(rows) for k, v in sorted(Counter(r["reason"] for r in rows).items())},
+                      "length": float(lengths.mean()), "length_correct_r": point_biserial(lengths, correct),
+                      "aha_frac": float(aha.mean()),
+                      "accuracy_aha": float(correct[aha].mean()) if aha.any() else None,
+                      "accuracy_no_aha": float(correct[~aha].mean()) if (~aha).any() else None,
+                      "long_frac": float(np.mean([countdown.is_long_form(r["response"]) for r in rows]))})
+    print(f"{'step':>5} {'n':>4} {'accuracy':>9} {'length':>8} {'r(len,ok)':>10} {'aha':>6} {'long':>6}  reasons")
+    for s in steps:
+        r = "-" if s["length_correct_r"] is None else f"{s['length_correct_r']:.2f}"
+        print(f"{s['step']:>5} {s['n']:>4} {s['accuracy']:>9.3f} {s['length']:>8.1f} {r:>10} {s['aha_frac']:>6.2f} "
+              f"{s['long_frac']:>6.2f}  " + ", ".join(f"{k} {v:.2f}" for k, v in s["reasons"].items()))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
+        json.dump({"run": cfg.analyze, "steps": steps}, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+        for ax, key in zip(axes, ("accuracy", "length", "aha_frac", "long_frac")):
+            ax.plot([s["step"] for s in steps], [s[key] for s in steps])
+            ax.set(xlabel="RL step", title=key)
+        fig.savefig(os.path.join(cfg.out_dir, "analysis.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    except ImportError:
+        print("matplotlib is not installed: no analysis.png")
+    print(f"wrote {cfg.out_dir}/analysis.json")
+    return steps
+
+
 def run(cfg):
+    if cfg.analyze:
+        return analyze_run(cfg)
     if cfg.grade:
         return grade_file(cfg)
     if cfg.suite:

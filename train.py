@@ -97,6 +97,7 @@ class Config:
     weight_decay: float = opt(0.0, "AdamW weight decay (both phases)")
     eval_every: int = opt(10, "held-out greedy eval every N RL steps (and at the first and last)")
     sample_every: int = opt(10, "print a few decoded completions every N RL steps")
+    keep_samples: int = opt(8, "rollouts per RL step kept in out_dir/samples.jsonl for eval.py --analyze (0 = none)")
     save_every: int = opt(20, "write ckpt/ every N steps of either phase (and at the end of each phase)")
     max_bad_steps: int = opt(5, "stop after this many non-finite losses or gradients in a row (either phase)")
     check_disk: bool = opt(True, "before the first step, stop if out_dir lacks the space its checkpoints need")
@@ -185,6 +186,7 @@ class Run:
         self.autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16-mixed")
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(cfg.out_dir, "samples.jsonl")
         self.stop_requested, self.t_start = stop_requested, time.time()
 
     def steps(self, desc, start, total):
@@ -203,15 +205,18 @@ class Run:
                                  f"learning rate, or resume from {self.cfg.out_dir}/ckpt with --resume")
         return finite
 
-    def log(self, row, line=None):
-        """Append one JSON row to metrics.jsonl (opened and closed at once, so a kill loses nothing) and print
-        the log line with the elapsed time (and the phase's ETA for a step row)."""
+    def append(self, path, rows):
+        """Append JSON rows to a log (opened and closed at once, so a kill loses at most a torn last line)."""
         try:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({**row, "time": time.time() - self.t_start}) + "\n")
+            with open(path, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
         except OSError as e:  # a full disk: the checkpoints already written stay valid
-            raise SystemExit(f"error: could not append to {self.metrics_path} ({e.strerror or e}); the last "
-                             f"checkpoint in {self.cfg.out_dir}/ckpt is intact: free some space, then --resume")
+            raise SystemExit(f"error: could not append to {path} ({e.strerror or e}); the last checkpoint in "
+                             f"{self.cfg.out_dir}/ckpt is intact: free some space, then --resume")
+
+    def log(self, row, line=None):
+        """One row of metrics.jsonl, and the log line with the elapsed time (and the phase's ETA)."""
+        self.append(self.metrics_path, [{**row, "time": time.time() - self.t_start}])
         if line is not None:
             done = row["step"] + 1 - self.phase_start
             eta = (time.time() - self.t_phase) / max(done, 1) * (self.total - row["step"] - 1)
@@ -255,10 +260,11 @@ def setup(argv, stop_requested):
             else (None, None)
         cfg, gcfg = resolve_config(overrides, device, read_run_config(resume_from) if resume_from else None)
         metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        if state:  # metrics.jsonl is cut back to the checkpoint's position
-            truncate_metrics(metrics_path, state["phase"], state["step"])
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a fresh run starts a fresh log
+        for path in (metrics_path, os.path.join(cfg.out_dir, "samples.jsonl")):
+            if state:  # the logs are cut back to the checkpoint's position
+                truncate_metrics(path, state["phase"], state["step"])
+            elif os.path.exists(path):
+                os.remove(path)  # a fresh run starts fresh logs
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
@@ -456,6 +462,10 @@ def train_rl(run, state):
         row_problems = grpo.per_row(problems, G)
         rewards, reasons = zip(*[reward(t, p) for t, p in zip(texts, row_problems)])
         rewards = torch.tensor(rewards, dtype=torch.float32)                                    # [N]
+        keep = range(0, len(texts), max(1, len(texts) // max(cfg.keep_samples, 1)))[:cfg.keep_samples]
+        run.append(run.samples_path, [{"phase": "rl", "step": step, "problem": row_problems[i].to_dict(),
+                                       "response": texts[i], "reward": rewards[i].item(), "reason": reasons[i],
+                                       "length": len(completions[i])} for i in keep])
         # ---- 4. advantages: each reward against its own group's mean (and std)
         advantages = grpo.group_advantages(rewards, G, gcfg.scale_rewards, gcfg.adv_eps)        # [N]
         # ---- 5. the loss, its backward and the optimizer step (num_iterations of them) on micro-batches

@@ -158,6 +158,8 @@ def test_sigterm_in_warmup_and_sigusr1_in_rl_save_and_resume_exactly(tmp_path):
     for p in (reference, finish):
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     assert read_metrics(stopped) == read_metrics(straight)
+    samples = [open(os.path.join(d, "samples.jsonl")).read() for d in (stopped, straight)]
+    assert samples[0] == samples[1]  # the kept rollouts are cut back and replayed like the metrics
     a = load_safetensors(os.path.join(straight, "final", "model.safetensors"))
     b = load_safetensors(os.path.join(stopped, "final", "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -237,3 +237,30 @@ def test_qwen_init_runs_end_to_end(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "warmup"))  # no warm-up phase for a pretrained model
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "config.json", "model.safetensors"):
         assert os.path.isfile(os.path.join(out, "final", name)), name
+
+
+# -----------------------------------------------------------------------------
+# The rollouts kept for the training-time analyses (eval.py --analyze)
+
+
+def test_kept_samples_and_their_analysis(tmp_path):
+    import eval as ev
+    from rewards import countdown_reward_details
+    out = str(tmp_path / "run")
+    train.main(TINY + [f"--out_dir={out}", "--warmup_steps=10", "--rl_steps=3", "--prompts_per_step=2",
+                       "--group_size=4", "--keep_samples=3", "--eval_every=100", "--save_every=100"])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for r in rows:  # each kept rollout carries what the reward made of it
+        reward, reason = countdown_reward_details(r["response"], r["problem"]["nums"], r["problem"]["target"])
+        assert r["reason"] == reason and r["reward"] == pytest.approx(reward)
+    steps = ev.main(["--analyze", out, f"--out_dir={tmp_path / 'analysis'}"])
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    for s in steps:
+        mine = [r for r in rows if r["step"] == s["step"]]
+        assert s["n"] == 3 and s["accuracy"] == sum(r["reason"] == "correct" for r in mine) / 3
+        assert s["length"] == pytest.approx(sum(r["length"] for r in mine) / 3)
+        assert sum(s["reasons"].values()) == pytest.approx(1.0)
+        assert s["long_frac"] == sum("</think>" in r["response"] for r in mine) / 3
+    assert os.path.isfile(tmp_path / "analysis" / "analysis.json")
