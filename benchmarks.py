@@ -29,6 +29,14 @@ from fractions import Fraction
 from math_grader import grade as math_grade
 from math_grader import last_boxed
 
+
+def verdict(extracted, same):
+    """(correct, extracted, reason) of an extracted answer: reason "no_answer", "correct" or "wrong_value"."""
+    if extracted is None:
+        return False, None, "no_answer"
+    return same, extracted, "correct" if same else "wrong_value"
+
+
 # -----------------------------------------------------------------------------
 # GSM8K
 
@@ -148,12 +156,7 @@ def bbh_grade(prediction, target):
     The comparison is exact string equality, as in the official scoring.
     """
     extracted = bbh_extract(prediction)
-    if extracted is None:
-        return False, None, "no_answer"
-    if extracted == target:
-        return True, extracted, "correct"
-    return False, extracted, "wrong_value"
-
+    return verdict(extracted, extracted == target)
 
 
 def bbh_cot_prompt(task_prompt_file_text):
@@ -212,11 +215,7 @@ def mmlu_pro_grade(generated_text, answer_letter):
     reason is "correct", "wrong_value" (another letter) or "no_answer" (no letter found; counted wrong).
     """
     extracted = mmlu_pro_extract(generated_text)
-    if extracted is None:
-        return False, None, "no_answer"
-    if extracted == answer_letter:
-        return True, extracted, "correct"
-    return False, extracted, "wrong_value"
+    return verdict(extracted, extracted == answer_letter)
 
 
 def _mmlu_pro_question_block(question, options):
