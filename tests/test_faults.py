@@ -143,7 +143,7 @@ def signal_when(process, out_dir, phase, min_step, signum):
 
 
 def test_sigterm_in_warmup_and_sigusr1_in_rl_save_and_resume_exactly(tmp_path):
-    common = TINY + ["--warmup_steps=400", "--rl_steps=8", "--save_every=1000"]  # only the signal saves
+    common = TINY + ["--warmup_steps=400", "--rl_steps=16", "--save_every=1000"]  # only the signal saves
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     reference = launch(common + [f"--out_dir={straight}"])
     code = signal_when(launch(common + [f"--out_dir={stopped}"]), stopped, "warmup", 5, signal.SIGTERM)
