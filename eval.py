@@ -54,7 +54,7 @@ from tokenizer import load_tokenizer
 @dataclass
 class EvalConfig:
     ckpt: str = opt("", 'model directory; "" = latest of run_dir/final, run_dir/ckpt, run_dir/warmup')
-    compare: tuple = opt((), "two model directories evaluated side by side: --compare A B")
+    compare: tuple = opt((), "model directories evaluated side by side: --compare A B [C ...]; differences vs A")
     run_dir: str = opt("out", "train.py's out_dir, searched when ckpt is empty")
     n_problems: int = opt(200, "first n of the held-out set or math file; 0 = all (run_config's eval_size)")
     n_samples: int = opt(16, "n samples per problem for pass@k, k = 1, 2, 4, ..., n (paper: 128 to 1024)")
@@ -90,7 +90,7 @@ def parse_args(argv):
     except ValueError as e:
         raise SystemExit(f"eval.py: {e}") from None
     wrong = [rule for rule, ok in [
-        ("--compare takes two directories", len(cfg.compare) in (0, 2)), ("n_samples >= 1", cfg.n_samples >= 1),
+        ("--compare takes two or more directories", len(cfg.compare) != 1), ("n_samples >= 1", cfg.n_samples >= 1),
         ("--suite takes two directories and --suite_files NAME=FILE ...", len(cfg.suite) in (0, 2)
          and all(f.partition("=")[0] in ("countdown", *benchmarks.BENCHMARK_NAMES) for f in cfg.suite_files)
          and (not cfg.suite or cfg.suite_files)),
@@ -118,6 +118,16 @@ def pass_at_k(n, c, k):
         return 1.0  # every k-subset contains a correct sample
     # 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1..n} (1 - k/i): no huge binomials, no overflow
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def bootstrap_ci95(per_problem, seed, resamples=2000):
+    """per_problem [P, K] (each problem's pass@k for every k) -> [K, 2] the 95% percentile interval of its mean
+    over problems, by resampling problems with replacement (Efron's bootstrap). A problem's estimate already holds
+    its own sampling noise, so resampling problems covers both sources of variance."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(per_problem), size=(resamples, len(per_problem)))  # [B, P]
+    means = per_problem[rows].mean(axis=1)                                        # [B, K]
+    return np.percentile(means, [2.5, 97.5], axis=0).T
 
 
 def ks_for(n):
@@ -278,6 +288,19 @@ def point_biserial(lengths, correct):
     return float(gap / lengths.std() * math.sqrt(p * (1 - p)))
 
 
+def per_problem_pass_at_k(counts, n):
+    """[P, K] each problem's unbiased pass@k for k in ks_for(n)."""
+    return np.array([[pass_at_k(n, c, k) for k in ks_for(n)] for c in counts])
+
+
+def differences(base, other, n):
+    """pass@k of other minus base on the same problems, each with a paired bootstrap 95% interval (the same
+    resampled problems for both models)."""
+    gap = per_problem_pass_at_k(other["correct_counts"], n) - per_problem_pass_at_k(base["correct_counts"], n)
+    return {str(k): {"difference": float(d), "ci95": [float(lo), float(hi)]}
+            for k, d, (lo, hi) in zip(ks_for(n), gap.mean(axis=0), bootstrap_ci95(gap, seed=1))}
+
+
 def summarize(stats, n, groups=None):
     """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples. groups:
     each problem's BBH task or MMLU-Pro category, for a breakdown of greedy accuracy and pass@1."""
@@ -292,6 +315,8 @@ def summarize(stats, n, groups=None):
     return {"n_problems": len(counts), "n_samples": n, "greedy_accuracy": sum(stats["greedy"]) / len(counts),
             # pass@k averaged over problems (limit-of-RLVR, App. A.2)
             "pass_at_k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks_for(n)},
+            "ci95": {str(k): [float(lo), float(hi)] for k, (lo, hi) in zip(ks_for(n), bootstrap_ci95(
+                per_problem_pass_at_k(counts, n), seed=0))},
             "sample_accuracy": float(correct.mean()),
             "reasons": {reason: count / total for reason, count in sorted(stats["reasons"].items())},
             "greedy_reasons": dict(sorted(stats["greedy_reasons"].items())),
@@ -329,7 +354,9 @@ def print_table(results):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     rows = [("greedy accuracy", lambda m: m["greedy_accuracy"])]
-    rows += [(f"pass@{k}", lambda m, k=k: m["pass_at_k"][k]) for k in models[0]["pass_at_k"]]
+    rows += [row for k in models[0]["pass_at_k"] for row in (
+        (f"pass@{k}", lambda m, k=k: m["pass_at_k"][k]),
+        ("  95% CI", lambda m, k=k: f"[{m['ci95'][k][0]:.3f}, {m['ci95'][k][1]:.3f}]"))]
     rows += [("solved at some k <= n", lambda m: len(m["solved"])),
              ("length: all", lambda m: m["length"]["mean"]),
              ("length: correct/incorrect", lambda m: f"{fmt(m['length']['mean_correct'])}/"
@@ -348,9 +375,11 @@ def print_table(results):
     print(f"{'':<26}" + "".join(f"{label:>{width}}" for label in labels))
     for name, value in rows:
         print(f"{name:<26}" + "".join(f"{fmt(value(m)):>{width}}" for m in models))
-    if results["overlap"]:
-        o = results["overlap"]
-        print(f"solvable sets: both {o['both']}, only {labels[0]} {o['only_a']}, only {labels[1]} {o['only_b']}, "
+    for label, gaps in results["differences"].items():
+        print(f"{label} - {labels[0]}: " + ", ".join(f"pass@{k} {g['difference']:+.3f} [{g['ci95'][0]:+.3f}, "
+                                                    f"{g['ci95'][1]:+.3f}]" for k, g in gaps.items()))
+        o = results["overlaps"][label]
+        print(f"  solvable sets: both {o['both']}, only {labels[0]} {o['only_a']}, only {label} {o['only_b']}, "
               f"neither {o['neither']}")
     print(f"grader: {results['grader']}")
 
@@ -366,7 +395,9 @@ def plot_pass_at_k(results, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, m in results["models"].items():
         ks = [int(k) for k in m["pass_at_k"]]
-        ax.plot(ks, list(m["pass_at_k"].values()), marker="o", label=label)
+        line, = ax.plot(ks, list(m["pass_at_k"].values()), marker="o", label=label)
+        ax.fill_between(ks, [m["ci95"][str(k)][0] for k in ks], [m["ci95"][str(k)][1] for k in ks],
+                        color=line.get_color(), alpha=0.2)  # the 95% bootstrap interval over problems
     ax.set_xscale("log", base=2)
     ax.set(xlabel="k", ylabel="pass@k", title=f"{results['task']} pass@k", ylim=(-0.02, 1.02))
     ax.legend()
@@ -535,12 +566,16 @@ def run(cfg):
                                                            "0.0)"),
                "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                             "max_new_tokens": max_new_tokens, "seed": cfg.seed},
-               "config": asdict(cfg), "models": {}, "overlap": None}
+               "config": asdict(cfg), "models": {}, "overlap": None, "differences": {}, "overlaps": {}}
     with open(os.path.join(cfg.out_dir, "generations.jsonl"), "w", encoding="utf-8") as jsonl:
         for label, path in zip(labels, paths):
             results["models"][label] = evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data)
+    base = results["models"][labels[0]]
+    for label in labels[1:]:  # every other model against the first (e.g. the base model, or RL step 0)
+        results["differences"][label] = differences(base, results["models"][label], cfg.n_samples)
+        results["overlaps"][label] = overlap(base, results["models"][label])
     if len(labels) == 2:
-        results["overlap"] = overlap(*results["models"].values())
+        results["overlap"] = results["overlaps"][labels[1]]
     print_table(results)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

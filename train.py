@@ -98,6 +98,7 @@ class Config:
     eval_every: int = opt(10, "held-out greedy eval every N RL steps (and at the first and last)")
     sample_every: int = opt(10, "print a few decoded completions every N RL steps")
     keep_samples: int = opt(8, "rollouts per RL step kept in out_dir/samples.jsonl for eval.py --analyze (0 = none)")
+    keep_steps: tuple = opt((), "RL steps whose model is kept as out_dir/step_N, e.g. 0,30,100 (eval.py --compare)")
     save_every: int = opt(20, "write ckpt/ every N steps of either phase (and at the end of each phase)")
     max_bad_steps: int = opt(5, "stop after this many non-finite losses or gradients in a row (either phase)")
     check_disk: bool = opt(True, "before the first step, stop if out_dir lacks the space its checkpoints need")
@@ -139,6 +140,9 @@ def resolve_config(overrides, device, saved=None):
                           ("precision", ("auto", "fp32", "bf16-mixed", "bf16")), ("preset", tuple(PRESETS))]:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}={getattr(cfg, name)}: choose {', '.join(allowed)}")
+    if not all(str(s).isdigit() for s in cfg.keep_steps):
+        raise ValueError(f"--keep_steps={show(cfg.keep_steps)}: expected RL step numbers like 0,30,100")
+    cfg.keep_steps = tuple(int(s) for s in cfg.keep_steps)
     if cfg.init == "qwen" and not os.path.isdir(cfg.model_dir):
         raise FileNotFoundError(f"--init=qwen needs --model_dir=PATH, a Hugging Face Qwen2 directory; got "
                                 f"{cfg.model_dir!r}")
@@ -440,6 +444,8 @@ def train_rl(run, state):
         prompt_len = max(len(tok.encode(countdown.render_prompt(p, run.template, tok))) for p in run.test_problems)
         print_memory_estimate(model, cfg.prompts_per_step * G, prompt_len, gcfg, cfg.gpu_memory_gb)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
+        if step in cfg.keep_steps:  # the policy before this step's update, for pass@k over RL length
+            run.save(f"step_{step}")
         if step % cfg.eval_every == 0 or step == cfg.rl_steps:
             evaluate(run, step)
         if step == cfg.rl_steps:

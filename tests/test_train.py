@@ -264,3 +264,17 @@ def test_kept_samples_and_their_analysis(tmp_path):
         assert sum(s["reasons"].values()) == pytest.approx(1.0)
         assert s["long_frac"] == sum("</think>" in r["response"] for r in mine) / 3
     assert os.path.isfile(tmp_path / "analysis" / "analysis.json")
+
+
+def test_keep_steps_saves_the_policy_of_those_rl_steps(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(TINY + [f"--out_dir={out}", "--warmup_steps=30", "--warmup_lr=1e-2", "--rl_steps=3",
+                       "--prompts_per_step=8", "--group_size=8", "--lr=3e-3", "--keep_steps=0,2", "--eval_every=100",
+                       "--save_every=100"])  # as in test_rl_raises_training_reward: rewards differ, RL moves
+    assert sorted(d for d in os.listdir(out) if d.startswith("step_")) == ["step_0", "step_2"]
+    load = lambda name: load_safetensors(os.path.join(out, name, "model.safetensors"))  # noqa: E731
+    step0, warm, step2, final = load("step_0"), load("warmup"), load("step_2"), load("final")
+    assert all(torch.equal(step0[k], warm[k]) for k in warm)          # RL step 0 is the warm-up model
+    assert not all(torch.equal(step2[k], final[k]) for k in final)   # step 2 is before the last update
+    with pytest.raises(SystemExit, match="--keep_steps=a: expected RL step numbers"):
+        train.main(TINY + [f"--out_dir={out}", "--keep_steps=a"])
