@@ -5,8 +5,8 @@ A checkpoint directory is a Hugging Face model directory (config.json + safetens
 run's run_config.json, for ckpt/ also state.pt ({"phase", "step", "optimizer", "rng"}), and manifest.json: every
 file's size and SHA-256 (of the whole file up to 256 MiB, of its first and last 16 MiB beyond: cheap on a 37 GB
 checkpoint, and with the size it catches a truncated file or a torn header). A save is written into path.tmp,
-fsynced, read back against its manifest, and only then swapped in, so the previous checkpoint stays intact until
-the new one is known to be complete; a save that fails (a full disk) removes path.tmp and stops the run.
+fsynced, and only then swapped in, so the previous checkpoint stays intact until the new one is on disk; a save
+that fails (a full disk) removes path.tmp and stops the run. --resume checks the manifest.
 """
 import dataclasses
 import hashlib
@@ -67,9 +67,10 @@ def damaged_file(directory):
     return None
 
 
-def fsync_directory(path):
-    """Make a directory's files (and its own entries: renames) durable, so a power loss cannot tear them."""
-    for name in os.listdir(path):
+def fsync_directory(path, with_files=True):
+    """Make a directory's entries (renames) durable, and with_files its files too, so a power loss cannot tear
+    them."""
+    for name in os.listdir(path) if with_files else ():
         if os.path.isfile(os.path.join(path, name)):
             with open(os.path.join(path, name), "rb") as f:
                 os.fsync(f.fileno())
@@ -84,7 +85,7 @@ def directory_bytes(path):
 
 
 def save_checkpoint(path, model, tok, cfg, gcfg, state=None):
-    """Model (HF layout) + tokenizer + run_config.json (+ state.pt) + manifest, written into path.tmp, verified
+    """Model (HF layout) + tokenizer + run_config.json (+ state.pt) + manifest, written into path.tmp, fsynced
     and swapped in: a kill at any moment leaves the old or the new directory complete, never a half-written one."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,15 +96,12 @@ def save_checkpoint(path, model, tok, cfg, gcfg, state=None):
             json.dump({**dataclasses.asdict(cfg), **dataclasses.asdict(gcfg)}, f, indent=2)
         if state is not None:
             torch.save(state, os.path.join(tmp, "state.pt"))
-        manifest = {n: {"bytes": os.path.getsize(os.path.join(tmp, n))} for n in sorted(os.listdir(tmp))}
-        for name, entry in manifest.items():
-            entry["sha256"] = file_digest(os.path.join(tmp, name), entry["bytes"])
+        sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        manifest = {name: {"bytes": size, "sha256": file_digest(os.path.join(tmp, name), size)}
+                    for name, size in sizes.items()}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         fsync_directory(tmp)
-        problem = damaged_file(tmp)  # read back what was written
-        if problem:
-            raise OSError(problem)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         written = directory_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,7 +113,7 @@ def save_checkpoint(path, model, tok, cfg, gcfg, state=None):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)  # two renames: between them only path.old exists, which load_checkpoint_state accepts
     os.replace(tmp, path)
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    fsync_directory(os.path.dirname(os.path.abspath(path)), with_files=False)  # the renames
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -178,7 +176,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def truncate_metrics(path, phase, step):
+def truncate_log(path, phase, step):
     """Drop rows at or after (phase, step) so a resumed run appends without duplicates or holes. A torn last
     line (what a kill during an append leaves) is dropped with a note; a corrupt line elsewhere is an error."""
     order = {"warmup": 0, "rl": 1, "eval": 1}

@@ -384,13 +384,21 @@ def print_table(results):
     print(f"grader: {results['grader']}")
 
 
-def plot_pass_at_k(results, path):
+def pyplot(figure):
+    """matplotlib.pyplot (optional, off-screen), or None with a line saying which figure is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
-        print("--plot: matplotlib is not installed (pip install matplotlib); skipped the figure")
+        print(f"matplotlib is not installed (pip install matplotlib): no {figure}")
+        return None
+
+
+def plot_pass_at_k(results, path):
+    plt = pyplot(path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, m in results["models"].items():
@@ -472,7 +480,7 @@ def run_suite(cfg):
     table = {}
     for name, _, path in (item.partition("=") for item in cfg.suite_files):
         sub = replace(cfg, suite=(), suite_files=(), compare=cfg.suite, benchmark=name, data=path,
-                                  out_dir=os.path.join(cfg.out_dir, name))
+                      out_dir=os.path.join(cfg.out_dir, name))
         results = run(sub)
         table[name] = {label: {"greedy_accuracy": m["greedy_accuracy"], "pass_at_1": m["pass_at_k"]["1"]}
                        for label, m in results["models"].items()}
@@ -515,18 +523,14 @@ def analyze_run(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
         json.dump({"run": cfg.analyze, "steps": steps}, f, indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    plt = pyplot("analysis.png")
+    if plt is not None:
         fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
         for ax, key in zip(axes, ("accuracy", "length", "aha_frac", "long_frac")):
             ax.plot([s["step"] for s in steps], [s[key] for s in steps])
             ax.set(xlabel="RL step", title=key)
         fig.savefig(os.path.join(cfg.out_dir, "analysis.png"), dpi=100, bbox_inches="tight")
         plt.close(fig)
-    except ImportError:
-        print("matplotlib is not installed: no analysis.png")
     print(f"wrote {cfg.out_dir}/analysis.json")
     return steps
 

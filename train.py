@@ -45,7 +45,7 @@ from tqdm import tqdm
 import countdown
 import grpo
 from checkpoint import (disk_needed, load_checkpoint_state, read_run_config, rng_state, save_checkpoint,
-                        set_rng_state, truncate_metrics)
+                        set_rng_state, truncate_log)
 from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
@@ -173,6 +173,11 @@ def lr_at(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
+def spread(n, k):
+    """k indices spread evenly over range(n) (fewer if n < k): the rollouts printed and kept each step."""
+    return range(0, n, max(1, n // max(k, 1)))[:k]
+
+
 def format_time(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))  # H:MM:SS
 
@@ -263,16 +268,16 @@ def setup(argv, stop_requested):
         resume_from, state = load_checkpoint_state(overrides.get("out_dir", "out")) if overrides.get("resume") \
             else (None, None)
         cfg, gcfg = resolve_config(overrides, device, read_run_config(resume_from) if resume_from else None)
-        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        for path in (metrics_path, os.path.join(cfg.out_dir, "samples.jsonl")):
-            if state:  # the logs are cut back to the checkpoint's position
-                truncate_metrics(path, state["phase"], state["step"])
-            elif os.path.exists(path):
-                os.remove(path)  # a fresh run starts fresh logs
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
                                            target_range=cfg.target_range)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # last: bad input above leaves an old run's logs alone
+            path = os.path.join(cfg.out_dir, name)
+            if state:  # the logs are cut back to the checkpoint's position
+                truncate_log(path, state["phase"], state["step"])
+            elif os.path.exists(path):
+                os.remove(path)  # a fresh run starts fresh logs
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if hasattr(sys.stdout, "reconfigure"):  # log lines appear as they happen, also when piped
@@ -468,10 +473,6 @@ def train_rl(run, state):
         row_problems = grpo.per_row(problems, G)
         rewards, reasons = zip(*[reward(t, p) for t, p in zip(texts, row_problems)])
         rewards = torch.tensor(rewards, dtype=torch.float32)                                    # [N]
-        keep = range(0, len(texts), max(1, len(texts) // max(cfg.keep_samples, 1)))[:cfg.keep_samples]
-        run.append(run.samples_path, [{"phase": "rl", "step": step, "problem": row_problems[i].to_dict(),
-                                       "response": texts[i], "reward": rewards[i].item(), "reason": reasons[i],
-                                       "length": len(completions[i])} for i in keep])
         # ---- 4. advantages: each reward against its own group's mean (and std)
         advantages = grpo.group_advantages(rewards, G, gcfg.scale_rewards, gcfg.adv_eps)        # [N]
         # ---- 5. the loss, its backward and the optimizer step (num_iterations of them) on micro-batches
@@ -483,7 +484,7 @@ def train_rl(run, state):
         with run.autocast:
             update = grpo.update(model, optimizer, batch, gcfg, ref_model, vocab_limit=tok.n_vocab)
         run.step_is_finite(math.isfinite(update["loss"]) and math.isfinite(update["grad_norm"]), f"rl step {step}")
-        # ---- 6. log
+        # ---- 6. log, and keep a few rollouts for eval.py --analyze
         dt = time.time() - t0
         metrics = {**rollout_metrics(rewards, reasons, texts, completions, run.stop_ids, G), **update}
         run.log({"phase": "rl", "step": step, **metrics, "lr": lr, "tokens_per_s": sum(map(len, completions)) / dt,
@@ -491,8 +492,11 @@ def train_rl(run, state):
                 f"rl {step + 1}/{cfg.rl_steps} | reward {metrics['reward_mean']:.3f} | acc {metrics['accuracy']:.3f} "
                 f"| loss {metrics['loss']:+.4f} | kl {metrics['kl']:.4f} | clip {metrics['clip_frac']:.3f} | len "
                 f"{metrics['response_length']:.1f} | long {metrics['long_frac']:.2f}")
+        run.append(run.samples_path, [{"phase": "rl", "step": step, "problem": row_problems[i].to_dict(),
+                                       "response": texts[i], "reward": rewards[i].item(), "reason": reasons[i],
+                                       "length": len(completions[i])} for i in spread(len(texts), cfg.keep_samples)])
         if step % cfg.sample_every == 0:
-            for i in range(0, len(texts), max(1, len(texts) // 3))[:3]:
+            for i in spread(len(texts), 3):
                 tqdm.write(f"  sample (reward {rewards[i]:.1f}) {row_problems[i].to_dict()}: {texts[i][:300]!r}")
         # ---- 7. save
         if run.save_or_stop("rl", step + 1, optimizer):
