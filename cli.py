@@ -96,8 +96,23 @@ def run_script(main):
 
 
 def pick_device(name):
-    """auto -> cuda if present, else Apple's mps, else cpu; an explicit name is used as given."""
+    """auto -> cuda if present, else Apple's mps, else cpu; an explicit name (cpu, cuda, cuda:N, mps) is checked
+    against what this machine has. ValueError for one it lacks."""
     if name != "auto":
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            raise ValueError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if kind not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device={name}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                             f"use --device=cpu, or install a CUDA build of torch")
+        index = torch.device(name).index
+        if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device={name}: Apple's MPS is not available here; use --device=cpu")
         return name
     if torch.cuda.is_available():
         return "cuda"

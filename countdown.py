@@ -21,6 +21,7 @@ What is here, top to bottom:
 """
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -334,6 +335,14 @@ def generate_problems(n, seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1
 def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), integer_steps=False):
     """The fixed held-out set: n distinct problems (distinct as multisets + target) from the test buckets,
     which the training stream never produces."""
+    low, high = _check_knobs(n_nums, num_range, target_range, "test")
+    # distinct problems: multisets of k of the R numbers, C(R + k - 1, k), times the targets; ~5% are test ones
+    R, n_targets = num_range[1] - num_range[0] + 1, target_range[1] - target_range[0] + 1
+    space = sum(math.comb(R + k - 1, k) for k in range(low, high + 1)) * n_targets
+    if n > space * TEST_BUCKETS / N_BUCKETS * 1.1 + 100:
+        raise ValueError(f"{n} held-out problems asked, but at this difficulty only ~{space * TEST_BUCKETS // N_BUCKETS}"
+                         f" exist ({TEST_BUCKETS}/{N_BUCKETS} of {space} problems, solvable or not): ask for fewer "
+                         f"(--eval_size) or widen the ranges")
     stream = train_stream(seed, n_nums, num_range, target_range, "test", integer_steps)
     seen, problems, repeats = set(), [], 0
     while repeats < max(1000, 2 * n):  # this many repeats in a row: the held-out space is used up

@@ -168,7 +168,10 @@ def resolve_ckpt(cfg):
 
 
 def load_model(path, cfg):
-    device = pick_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
     try:
         return load_qwen(path, device=device, dtype=getattr(torch, dtype)), load_tokenizer(path)

@@ -43,6 +43,7 @@ train.py's RL loop shows the use: group_advantages, then micro_batches, then upd
 Shapes: N rollout rows, B rows of one micro-batch, T tokens per row, P prompt columns, L completion columns,
 C model dim, V vocab, G group size.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cli import opt
+from model import compute_dtype
 
 
 @dataclass
@@ -218,11 +220,14 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=512):
 
 def completion_logprobs(model, tokens, attention_mask, completion_mask, prompt_len, temperature,
                         vocab_limit=None, chunk_size=512):
-    """-> (logprobs [B, L], entropy [B, L]), zero where completion_mask is False."""
+    """-> (logprobs [B, L], entropy [B, L]), zero where completion_mask is False. Ids < vocab_limit
+    (model.vocab_limit when None) only: the ids the sampler can draw."""
     hidden = model.hidden_states(tokens, attention_mask=attention_mask)               # [B, T, C]
     hidden = hidden[:, prompt_len - 1:-1]                                             # [B, L, C] predicts col P+j
     targets = tokens[:, prompt_len:]                                                  # [B, L]
-    weight = model.lm_head.weight[:vocab_limit]                                       # [V, C] sampled ids only
+    # [V', C] the sampled ids only, cast once here (bf16 under autocast) rather than once per chunk and again in
+    # each chunk's recompute: autocast caches casts of whole weights, not of a slice
+    weight = model.lm_head.weight[:vocab_limit or model.vocab_limit].to(compute_dtype(model))
     flat_logprobs, flat_entropy = token_logprobs(hidden[completion_mask], weight, targets[completion_mask],
                                                  temperature, chunk_size)            # [N], [N]
     logprobs = flat_logprobs.new_zeros(completion_mask.shape)                         # [B, L]
@@ -237,7 +242,8 @@ def completion_logprobs(model, tokens, attention_mask, completion_mask, prompt_l
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps_low, clip_eps_high):
     """logprobs, old_logprobs [B, L]; advantages [B] -> (per-token loss [B, L], clip active [B, L] bool)."""
-    ratio = torch.exp(logprobs - old_logprobs)                                        # rho = pi / pi_old
+    # rho = pi / pi_old; the log-ratio clamped to +-20 (as verl), so a far-drifted token cannot overflow exp
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20, 20))
     A = advantages[:, None]                                                           # [B, 1]
     clipped_ratio = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
     loss = -torch.minimum(ratio * A, clipped_ratio * A)                               # PPO clip (Schulman 2017)
@@ -248,7 +254,7 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, clip_eps_low, clip_e
 
 def k3_kl(logprobs, ref_logprobs):
     """Per-token KL(pi || pi_ref) estimate k3 = exp(x) - x - 1 with x = ref_logp - logp (Schulman 2020)."""
-    x = ref_logprobs - logprobs
+    x = (ref_logprobs - logprobs).clamp(-20, 20)  # as verl: a finite KL when the policy has drifted very far
     return torch.exp(x) - x - 1
 
 
@@ -271,10 +277,13 @@ def policy_loss(model, mb, cfg, vocab_limit=None):
                   "entropy": (entropy * mask).sum()}
 
 
-def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
+def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autocast=contextlib.nullcontext()):
     """cfg.num_iterations optimizer steps on one rollout batch, each: every micro-batch's loss.backward(),
     then grad clipping and optimizer.step(). A non-finite loss or gradient is never applied. -> metrics:
-    loss, clip_frac, kl, entropy, grad_norm (averaged over the steps taken), num_tokens, skipped (1 = no step)."""
+    loss, clip_frac, kl, entropy, grad_norm (averaged over the steps taken), num_tokens, skipped (1 = no step).
+    autocast (e.g. torch.autocast(device, torch.bfloat16)) is entered around each forward pass, never around a
+    step: autocast keeps its bf16 copy of each weight until its outermost block exits, so a block around
+    optimizer.step() would run every later step on the weights as they were before it."""
     if cfg.beta > 0 and ref_model is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_model (a frozen copy of the initial policy)")
     if not batch:  # every row was filtered out: no step
@@ -284,7 +293,7 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
     def logprobs_of(policy, mb):  # [B, L] log-probs at the sampling temperature
         return completion_logprobs(policy, mb.tokens, mb.attention_mask, mb.completion_mask, mb.prompt_len,
                                    cfg.temperature, vocab_limit, cfg.logprob_chunk)[0]
-    with torch.no_grad():  # pi_old is the policy that sampled: frozen once, before the first of several steps
+    with torch.no_grad(), autocast:  # pi_old is the policy that sampled: frozen once, before the first step
         for mb in batch:
             mb.old_logprobs = logprobs_of(model, mb) if cfg.num_iterations > 1 else None
             mb.ref_logprobs = logprobs_of(ref_model, mb) if ref_model is not None else None
@@ -295,7 +304,8 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None):
     optimizer.zero_grad(set_to_none=True)
     for iteration in range(cfg.num_iterations):
         for mb in batch:
-            loss, sums = policy_loss(model, mb, cfg, vocab_limit)
+            with autocast:  # the forward and the loss only (backward runs in the dtypes the forward chose)
+                loss, sums = policy_loss(model, mb, cfg, vocab_limit)
             loss.backward()
             totals["loss"] += loss.detach()
             for name, value in sums.items():

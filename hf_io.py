@@ -8,6 +8,7 @@ import struct
 import torch
 
 from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}, and an
@@ -104,8 +105,21 @@ def entry_name(ours):
     return ours if ours == "lm_head.weight" else "model." + ours
 
 
+def vocab_limit_of(path, rows):
+    """How many of the embedding's rows are token ids: the n_vocab of the tokenizer beside the weights
+    (Qwen2.5: 151,665 ids, 151,936 rows), or all rows when the directory has no tokenizer."""
+    try:
+        n_vocab = load_tokenizer(path).n_vocab
+    except FileNotFoundError:
+        return rows
+    if n_vocab > rows:
+        raise ValueError(f"{path}: the tokenizer has {n_vocab} ids but the model only {rows} embedding rows")
+    return n_vocab
+
+
 def load_qwen(path, device="cpu", dtype=None):
-    """Load a Hugging Face Qwen2 checkpoint directory (config.json + safetensors) into a Transformer in eval mode.
+    """Load a Hugging Face Qwen2 checkpoint directory (config.json + safetensors) into a Transformer in eval mode,
+    with model.vocab_limit from the tokenizer files beside it (vocab_limit_of).
     dtype=None keeps the checkpoint's dtype. Each tensor is read from disk straight into its parameter."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -181,6 +195,7 @@ def load_qwen(path, device="cpu", dtype=None):
                     view = view[n:]
                 if not direct:
                     param.data.copy_(buf)  # converts dtype and/or moves to the device
+    model.vocab_limit = vocab_limit_of(path, config.vocab_size)
     return model.eval()
 
 

@@ -273,6 +273,15 @@ def make_attention_mask(mask, kv_cache, T, device):
     return (attn_mask | (k_cols == q_cols)[None])[:, None], False     # (B, 1, T, T_k)
 
 
+def compute_dtype(model):
+    """The dtype a Linear layer's output has: autocast's (bf16 under bf16-mixed) when it is on, else the weights'.
+    RoPE's cos/sin and the KV cache use it, so q, k and the cache are not silently kept in float32."""
+    device_type = model.embed_tokens.weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return model.embed_tokens.weight.dtype
+
+
 class Transformer(nn.Module):
     """Qwen2ForCausalLM without the "model." prefix: parameter names match a HF checkpoint's after the strip."""
 
@@ -284,6 +293,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        # ids < vocab_limit are real tokens; generate and the log-probs never look past them. Qwen pads its
+        # embedding past the vocabulary (151,936 rows, 151,665 ids): load_qwen sets the tokenizer's count here.
+        self.vocab_limit = config.vocab_size
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -315,7 +327,7 @@ class Transformer(nn.Module):
             positions = positions + kv_cache.next_pos[:, None]
             kv_cache.record_keys(mask, T)  # mark which of the new keys are real
         attn_mask, is_causal = make_attention_mask(mask, kv_cache, T, device)
-        cos, sin = rope_cos_sin(positions, self.config, self.embed_tokens.weight.dtype)
+        cos, sin = rope_cos_sin(positions, self.config, compute_dtype(self))  # q and k stay bf16 under autocast
         x = self.embed_tokens(tokens)                                         # (B, T, C)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None:
@@ -351,25 +363,26 @@ def sample_next_token_reference(logits, generator=None, temperature=1.0, top_p=1
 def inverse_cdf(probs, u, block=1024):
     """probs (B, V) >= 0 (any total), u (B, 1) uniform in [0, 1) -> (B, 1) the index i with
     cdf[i-1] <= u * total < cdf[i]. Two levels, so no float64 cumsum runs over the whole vocabulary: first the
-    cumulative mass of blocks of `block` ids picks a block, then a cumsum inside that block picks the id."""
+    cumulative mass of blocks of `block` ids picks a block, then a cumsum inside that block picks the id.
+    The cumulative sums use u's dtype: float64, or float32 on Apple's MPS, which has no float64."""
     B, V = probs.shape
     padded = F.pad(probs, (0, -V % block))                              # (B, nb * block), zero mass at the end
     blocks = padded.view(B, -1, block)                                  # (B, nb, block)
     # block masses summed in float32 (no float64 copy of all V), accumulated across blocks in float64: a block's
     # share is right to ~1e-7 relative; inside the chosen block every id keeps its exact float64 share
-    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)               # (B, nb)
+    block_cdf = blocks.sum(dim=-1).to(u.dtype).cumsum(dim=-1)            # (B, nb)
     # stay strictly below the total, so rounding can never pick a zero-mass block or id (e.g. masked ids)
     below = lambda x, top: torch.minimum(x, torch.nextafter(top, torch.zeros_like(top)))
     target = below(u * block_cdf[:, -1:], block_cdf[:, -1:])            # (B, 1)
     b = torch.searchsorted(block_cdf, target, right=True)               # (B, 1) the chosen block
     mass_before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)), 0.0)
-    inner_cdf = blocks.gather(1, b.unsqueeze(-1).expand(B, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    inner_cdf = blocks.gather(1, b.unsqueeze(-1).expand(B, 1, block)).squeeze(1).cumsum(-1, dtype=u.dtype)
     offset = below((target - mass_before).clamp(min=0.0), inner_cdf[:, -1:])
     return b * block + torch.searchsorted(inner_cdf, offset, right=True)
 
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
-    """sample_next_token_reference's distribution, drawn faster: one float64 uniform per row from `generator`."""
+    """sample_next_token_reference's distribution, drawn faster: one uniform per row from `generator`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
@@ -384,16 +397,21 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
     # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64 inside the
     # chosen block, so even 1e-10 probabilities keep their share); exact, and cheaper on a large vocabulary than
     # torch.multinomial, which draws one exponential per id. Scaling by the total renormalises top-p survivors.
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=wide)
     choice = inverse_cdf(probs, u)                                      # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 def next_token_logits(model, h, vocab_limit=None):
-    """h (B, C) last hidden states -> float32 logits (B, V') over the ids < vocab_limit (all V when None)."""
+    """h (B, C) last hidden states -> float32 logits (B, V') over the ids < vocab_limit (model.vocab_limit when
+    None)."""
+    vocab_limit = vocab_limit or model.vocab_limit
+    if h.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        # the reference: one matmul with the whole weight, then the slice. Autocast caches its bf16 copy of a
+        # weight (a leaf) for the whole block, but would re-cast a slice of it at every decode step.
+        return F.linear(h, model.lm_head.weight)[:, :vocab_limit].float()
     weight = model.lm_head.weight[:vocab_limit]                          # (V', C)
-    if h.device.type != "cpu":
-        return F.linear(h, weight).float()                               # the reference: one matmul
     # CPU fast path, the same product as weight @ h^T in blocks of 2048 vocabulary rows, each block written
     # transposed into the output: each partial product stays in cache, which beats one h @ weight^T over a 150k
     # vocabulary on CPU, and that matmul is most of a decode step (bench.py measures both).
@@ -420,16 +438,20 @@ def check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_
         raise ValueError(f"prompt token ids must lie in 0..{V - 1}")
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under inference_mode autocast does not cache its bf16 copies of the weights, so
+# every decode step would cast every weight again (about 3x the weight traffic per token)
+@torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), seed=None,
              num_samples=1, vocab_limit=None):
     """Sample num_samples completions of each prompt (lists of token ids) -> the new tokens of each row (layout: step
-    3), ending after its first stop id (kept) or max_new_tokens. Only ids < vocab_limit (all if None) are sampled."""
+    3), ending after its first stop id (kept) or max_new_tokens. Only ids < vocab_limit (model.vocab_limit if
+    None) are sampled. Under bf16 autocast the KV cache is bf16 too."""
     # 1. validate
     check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_samples, vocab_limit)
+    vocab_limit = vocab_limit or model.vocab_limit
     lengths = [len(p) for p in prompts]
     P, G, T0 = len(prompts), num_samples, max(lengths)
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    device, dtype = model.embed_tokens.weight.device, compute_dtype(model)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()

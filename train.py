@@ -128,7 +128,8 @@ def resolve_config(overrides, device, saved=None):
     else:
         preset = overrides.get("run_preset", "auto")
         if preset == "auto":
-            preset = "qwen" if overrides.get("init") == "qwen" else "gpu" if device == "cuda" else "cpu"
+            on_cuda = torch.device(device).type == "cuda"
+            preset = "qwen" if overrides.get("init") == "qwen" else "gpu" if on_cuda else "cpu"
         if preset not in RUN_PRESETS:
             raise ValueError(f"--run_preset={preset}: choose auto, {', '.join(RUN_PRESETS)}")
         values.update(RUN_PRESETS[preset], run_preset=preset)
@@ -189,10 +190,11 @@ class Run:
 
     def __init__(self, cfg, gcfg, device, model, tok, test_problems, stop_requested):
         self.cfg, self.gcfg, self.device, self.model, self.tok = cfg, gcfg, device, model, tok
+        self.on_cuda = torch.device(device).type == "cuda"  # also cuda:1
         self.test_problems = test_problems  # the fixed held-out set; training problems come per step
         self.template, self.stop_ids = countdown.prompt_setup(tok, cfg.template, cfg.init == "scratch")
         # bf16 autocast keeps float32 master weights and optimizer state but runs matmuls in bf16
-        self.autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
+        self.autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16-mixed")
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.samples_path = os.path.join(cfg.out_dir, "samples.jsonl")
@@ -249,7 +251,7 @@ class Run:
         """A phase's AdamW (decoupled weight decay, Loshchilov & Hutter 2019; fused kernels on CUDA) and the step
         it starts from: 0, or a resumed checkpoint's step, with its optimizer and RNG state restored."""
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, beta2),
-                                      weight_decay=self.cfg.weight_decay, fused=self.device == "cuda")
+                                      weight_decay=self.cfg.weight_decay, fused=self.on_cuda)
         if state is None:
             return optimizer, 0
         optimizer.load_state_dict(state["optimizer"])
@@ -258,6 +260,21 @@ class Run:
 
 # -----------------------------------------------------------------------------
 # Set-up: configuration, seeds, precision, model and tokenizer
+
+
+def build_model(cfg, resume_from, device, precision):
+    """The checkpoint to resume, the Qwen directory, or a fresh PRESETS[cfg.preset] (resized by --dim/--n_layers)."""
+    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if precision == "bf16" and cfg.lr < 1e-4:
+        print(f"WARNING: pure bf16 weights lose updates of lr={cfg.lr} (bf16 keeps ~3 digits); use bf16-mixed")
+    if cfg.init == "qwen" or resume_from:
+        return load_qwen(resume_from or cfg.model_dir, device=device, dtype=weight_dtype)
+    mc = PRESETS[cfg.preset]
+    if cfg.dim or cfg.n_layers:  # heads of width 64, two query heads per kv head (the preset's ratio)
+        dim = cfg.dim or mc.dim
+        mc = dataclasses.replace(mc, dim=dim, n_layers=cfg.n_layers or mc.n_layers, n_heads=max(1, dim // 64),
+                                 n_kv_heads=max(1, dim // 128), ffn_dim=dim * 8 // 3 // 16 * 16)
+    return Transformer(mc).to(device=device, dtype=weight_dtype)
 
 
 def setup(argv, stop_requested):
@@ -272,6 +289,15 @@ def setup(argv, stop_requested):
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
                                            target_range=cfg.target_range)
+        threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else os.cpu_count())
+        torch.set_num_threads(threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # before the model: a fresh model's weights follow the seed
+        on_cuda = torch.device(device).type == "cuda"
+        precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed" if on_cuda else "fp32"
+        model = build_model(cfg, resume_from, device, precision)
         for name in ("metrics.jsonl", "samples.jsonl"):  # last: bad input above leaves an old run's logs alone
             path = os.path.join(cfg.out_dir, name)
             if state:  # the logs are cut back to the checkpoint's position
@@ -282,24 +308,6 @@ def setup(argv, stop_requested):
         raise SystemExit(f"error: {e}") from None
     if hasattr(sys.stdout, "reconfigure"):  # log lines appear as they happen, also when piped
         sys.stdout.reconfigure(line_buffering=True)
-    threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    torch.set_num_threads(threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed" if device == "cuda" else "fp32"
-    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if precision == "bf16" and cfg.lr < 1e-4:
-        print(f"WARNING: pure bf16 weights lose updates of lr={cfg.lr} (bf16 keeps ~3 digits); use bf16-mixed")
-    if cfg.init == "qwen" or resume_from:
-        model = load_qwen(resume_from or cfg.model_dir, device=device, dtype=weight_dtype)
-    else:  # heads of width 64, two query heads per kv head (the preset's ratio)
-        mc = PRESETS[cfg.preset]
-        if cfg.dim or cfg.n_layers:
-            dim = cfg.dim or mc.dim
-            mc = dataclasses.replace(mc, dim=dim, n_layers=cfg.n_layers or mc.n_layers, n_heads=max(1, dim // 64),
-                                     n_kv_heads=max(1, dim // 128), ffn_dim=dim * 8 // 3 // 16 * 16)
-        model = Transformer(mc).to(device=device, dtype=weight_dtype)
     model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     cfg = dataclasses.replace(cfg, device=device, precision=precision,
@@ -440,12 +448,12 @@ def train_rl(run, state):
     ref_model = None  # a frozen copy of the RL starting point for the KL term (bf16 on CUDA: only ever read)
     if gcfg.beta > 0:
         ref_source = cfg.model_dir if cfg.init == "qwen" else os.path.join(cfg.out_dir, "warmup")
-        ref_model = load_qwen(ref_source, run.device, torch.bfloat16 if run.device == "cuda"
+        ref_model = load_qwen(ref_source, run.device, torch.bfloat16 if run.on_cuda
                               else next(model.parameters()).dtype).eval().requires_grad_(False)
     print(f"RL: {cfg.rl_steps} steps x {cfg.prompts_per_step} prompts x {G} samples = {cfg.prompts_per_step * G} "
           f"rollouts per step in micro-batches of {gcfg.micro_batch_size}; max_new_tokens {gcfg.max_new_tokens}; "
           f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps")
-    if run.device == "cuda" or cfg.init == "qwen":
+    if run.on_cuda or cfg.init == "qwen":
         prompt_len = max(len(tok.encode(countdown.render_prompt(p, run.template, tok))) for p in run.test_problems)
         print_memory_estimate(model, cfg.prompts_per_step * G, prompt_len, gcfg, cfg.gpu_memory_gb)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
@@ -466,8 +474,7 @@ def train_rl(run, state):
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
         with run.autocast:
             completions = generate(model, prompts, gcfg.max_new_tokens, temperature=gcfg.temperature,
-                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed, num_samples=G,
-                                   vocab_limit=tok.n_vocab)
+                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed, num_samples=G)
         # ---- 3. rewards: the task's score of every response
         texts = [tok.decode(c) for c in completions]
         row_problems = grpo.per_row(problems, G)
@@ -481,8 +488,7 @@ def train_rl(run, state):
             group["lr"] = lr
         batch = grpo.micro_batches(grpo.per_row(prompts, G), completions, rewards, advantages, gcfg,
                                    tok.pad_id, run.stop_ids, run.device)
-        with run.autocast:
-            update = grpo.update(model, optimizer, batch, gcfg, ref_model, vocab_limit=tok.n_vocab)
+        update = grpo.update(model, optimizer, batch, gcfg, ref_model, autocast=run.autocast)
         run.step_is_finite(math.isfinite(update["loss"]) and math.isfinite(update["grad_norm"]), f"rl step {step}")
         # ---- 6. log, and keep a few rollouts for eval.py --analyze
         dt = time.time() - t0

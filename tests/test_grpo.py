@@ -26,6 +26,7 @@ class TinyLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, dim)
         self.mix = nn.Linear(dim, dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.vocab_limit = vocab  # the ids the sampler may draw (Transformer has it too)
         self.poison = 1.0  # set to NaN to make every output non-finite
 
     def hidden_states(self, tokens, kv_cache=None, attention_mask=None):
