@@ -1,7 +1,18 @@
-"""GPU memory plan for one RL step: what each term costs, the two peaks, the largest micro-batch that fits.
-An estimate (allocator slack and kernel workspaces come on top), printed by train.py before the first RL step.
+"""The memory plan of one RL step: every term that allocates, the two peaks (rollouts, update), what fits.
+
+train.py prints it before the first RL step on a GPU, and `train.py --dry_run` prints it from config.json alone
+(no weights read). The plan is checked against a measurement: LiveBytes below counts every tensor torch makes
+(tests/test_memory.py, at small shapes on CPU); bench.py --gpu compares it with torch.cuda.max_memory_allocated.
+Allocator slack and kernel workspaces come on top, so a plan "fits" when it stays under 90% of the card.
 """
+import weakref
+from dataclasses import dataclass
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+GiB = 2**30
 
 
 def count_params(mc):
@@ -12,42 +23,137 @@ def count_params(mc):
     return embeddings + mc.n_layers * per_layer + mc.dim
 
 
-def estimate_memory(mc, weight_bytes, rollout_rows, prompt_len, gcfg, micro_batch):
-    """GPU bytes per term for one RL step."""
-    P, T, L = count_params(mc), prompt_len + gcfg.max_new_tokens, mc.n_layers
-    return {
-        "weights": P * weight_bytes,                        # one copy of every parameter
-        "gradients": P * weight_bytes,                      # one gradient per parameter, same dtype
-        "optimizer": 2 * P * weight_bytes,                  # AdamW's exp_avg and exp_avg_sq
-        "reference": P * 2 if gcfg.beta > 0 else 0,         # frozen bf16 copy of the start for the KL term
-        # K and V for every layer, kv head and position of every rollout row, in the weights' dtype
-        "kv_cache": 2 * L * mc.n_kv_heads * mc.head_dim * T * rollout_rows * weight_bytes,
-        # with checkpointing: each block's input (B*T*C, fp32 residual) + one block recomputed (~ 6C + 4F per token,
-        # bf16) + a [chunk, V] float32 log-softmax and its gradient
-        "activations": micro_batch * T * (L * mc.dim * 4 + (6 * mc.dim + 4 * mc.ffn_dim) * 2 * 2)
-                       + 3 * gcfg.logprob_chunk * mc.vocab_size * 4,
-    }
+@dataclass
+class Plan:
+    """What one RL step holds, in bytes. Rollouts: the weights, AdamW state, the reference model, autocast's bf16
+    copies of the weights, the KV cache and the sampler's [rows, V] buffers. Update: the same without the cache,
+    plus gradients and one micro-batch's activations."""
+    weights: int
+    optimizer: int
+    reference: int
+    cast_weights: int      # autocast's bf16 copy of every weight a matmul reads (bf16-mixed only)
+    kv_cache: int          # all rollout rows, plus the prefill's P-row cache that select() copies from
+    sampling: int          # the [rows, V] float32 logits and probabilities (and sort buffers for top-p)
+    gradients: int
+    saved_activations: int  # one micro-batch's: each block's input when checkpointing, else all of them
+    block_working: int      # one block's forward or recompute and backward, with attention scores if written
+    logprob_head: int       # the chunked log-softmax's [chunk, V] buffers and the [V, C] head gradient
+
+    @property
+    def static(self):
+        return self.weights + self.optimizer + self.reference
+
+    @property
+    def rollout_peak(self):
+        return self.static + self.cast_weights + self.kv_cache + self.sampling
+
+    @property
+    def update_peak(self):  # backward meets the head first, then one block at a time: the larger of the two
+        return self.static + self.cast_weights + self.gradients + self.saved_activations \
+            + max(self.block_working, self.logprob_head)
 
 
-def print_memory_estimate(model, rollout_rows, prompt_len, gcfg, gpu_memory_gb):
-    """Print the terms, the two peaks (rollout: no gradients, all KV caches; update: gradients and one
-    micro-batch of activations) and the largest power-of-two micro_batch_size whose update peak fits in 90%."""
-    mc, weight_bytes = model.config, next(model.parameters()).element_size()
-    on_gpu = next(model.parameters()).is_cuda  # else plan for a GPU of gpu_memory_gb
-    budget_bytes = torch.cuda.get_device_properties(0).total_memory if on_gpu else gpu_memory_gb * 2**30
+def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf16-mixed", device_type="cuda",
+                 checkpointing=True, vocab_limit=None):
+    """The Plan of one RL step: rollout_rows = prompts_per_step * group_size rows of <= prompt_len +
+    max_new_tokens tokens; weights in float32 (bf16 for precision "bf16"); the reference in bf16 on CUDA;
+    vocab_limit < vocab_size (Qwen's padding rows) adds the head gradient's full-size copy."""
+    P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
+    H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
+    T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
+    w = 2 if precision == "bf16" else 4                      # bytes per weight, gradient and AdamW moment
+    a = 4 if precision == "fp32" else 2                      # bytes per activation a matmul writes
+    norms = (2 * L + 1) * C
+    cast = (P - norms - (0 if mc.tie_embeddings else V * C)) * 2 if precision == "bf16-mixed" else 0
+    kv_rows = rollout_rows + rollout_rows // G               # the prefill cache of the P prompts, then all rows
+    top_p = gcfg.top_p < 1
+    # one block's working set: normed input (float32), q/k/v, attention output, gate/up/silu/product; its backward
+    # half as much again (measured). Checkpointing keeps only each block's float32 input; without it every block's.
+    block = B * T * (4 * C + a * (3 * C + 2 * kv) + a * 4 * F)
+    saved = B * T * C * 4 * L if checkpointing else L * block
+    # the math kernel writes B x H x T x T scores (and their softmax) when SDPA has a mask and grouped kv heads
+    # on CUDA (the flash kernel takes no mask); CPU's flash kernel takes the mask
+    scores = B * H * T * T * a * 2 if device_type == "cuda" else 0
+    return Plan(
+        weights=P * w,
+        optimizer=2 * P * w,                                 # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
+        reference=P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0,
+        cast_weights=cast,
+        kv_cache=2 * L * kv * T * kv_rows * a,               # K and V, every layer, kv head and position
+        sampling=rollout_rows * V * (4 * 4 + (20 if top_p else 0)),
+        gradients=P * w,
+        saved_activations=saved,
+        block_working=3 * block // 2 + scores,
+        # [chunk, V] logits, exp and gradient in float32; the head's gradient in the matmul's dtype, its float32
+        # cast, the full-size [V, C] copy a slice's backward writes when vocab_limit < V, and the embedding's
+        # dense [V, C] gradient, added to the one accumulated so far
+        logprob_head=3 * gcfg.logprob_chunk * V * 4 + V * C * (a + (4 if a == 2 else 0)
+                                                                 + (4 if (vocab_limit or V) < V else 0) + 4))
 
-    def peaks(micro_batch):
-        t = estimate_memory(mc, weight_bytes, rollout_rows, prompt_len, gcfg, micro_batch)
-        static = t["weights"] + t["optimizer"] + t["reference"]
-        return t, static + t["kv_cache"], static + t["gradients"] + t["activations"]
-    terms, rollout_peak, update_peak = peaks(gcfg.micro_batch_size)
-    print(f"memory estimate ({count_params(mc) / 1e9:.2f}B params, {weight_bytes}-byte weights, "
-          f"{rollout_rows} rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, "
-          f"budget {budget_bytes / 2**30:.0f} GiB):")
-    for name, value in terms.items():
-        print(f"  {name:<12}{value / 2**30:8.2f} GiB")
-    print(f"  peak during rollouts {rollout_peak / 2**30:.1f} GiB, during the update {update_peak / 2**30:.1f} GiB "
-          f"(micro_batch_size={gcfg.micro_batch_size})")
-    fits = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if peaks(b)[2] < 0.9 * budget_bytes]
-    print(f"  largest micro_batch_size that fits: {fits[-1] if fits else 'none'}"
-          + ("" if rollout_peak < 0.9 * budget_bytes else "; rollouts do NOT fit: fewer prompts_per_step"))
+
+def fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
+    """The largest power-of-two micro_batch_size whose update peak stays under 90% of budget bytes, or 0."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= rollout_rows]
+    fits = [b for b in sizes if plan_rl_step(mc, gcfg, rollout_rows, prompt_len, b, **kw).update_peak < 0.9 * budget]
+    return fits[-1] if fits else 0
+
+
+def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
+    """Print the plan's terms and peaks for a card of `budget` bytes, and what to change when it does not fit.
+    -> True when it fits."""
+    plan = plan_rl_step(mc, gcfg, rollout_rows, prompt_len, gcfg.micro_batch_size, **kw)
+    print(f"memory plan: {count_params(mc) / 1e9:.2f}B params, {kw.get('precision', 'bf16-mixed')}, {rollout_rows} "
+          f"rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
+          f"{gcfg.micro_batch_size}, for a {budget / GiB:.0f} GiB card:")
+    for name, value in vars(plan).items():
+        print(f"  {name:<18}{value / GiB:8.2f} GiB")
+    print(f"  peak during rollouts {plan.rollout_peak / GiB:.1f} GiB, during the update {plan.update_peak / GiB:.1f} "
+          f"GiB; 90% of the card is {0.9 * budget / GiB:.1f} GiB")
+    fixed = plan.static + plan.cast_weights + plan.gradients + plan.logprob_head
+    best = fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw)
+    if fixed > 0.9 * budget:
+        print(f"  does NOT fit whatever the batch: weights, gradients and AdamW state alone take {fixed / GiB:.1f} "
+              f"GiB; use a smaller model")
+    elif plan.rollout_peak > 0.9 * budget:
+        print("  rollouts do NOT fit: lower --prompts_per_step, --group_size or --max_new_tokens (the KV cache is "
+              f"{plan.kv_cache / GiB:.1f} GiB)")
+    elif plan.update_peak > 0.9 * budget:
+        print(f"  the update does NOT fit: --micro_batch_size={best} does (it changes memory, never the result)"
+              if best else "  the update does NOT fit even at --micro_batch_size=1: lower --max_new_tokens")
+    else:
+        print(f"  fits; the largest micro_batch_size that fits is {best}")
+        return True
+    return False
+
+# -----------------------------------------------------------------------------
+# The measurement the plan is checked against
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside `with LiveBytes() as live:`, live.now and live.peak are the bytes of every tensor storage that torch
+    ops made in the block and that is still alive (each storage counted once, released when it is freed).
+    Tensors made before the block (weights, optimizer state) are not counted: add them."""
+
+    def __enter__(self):
+        self.now, self.peak, self.alive = 0, 0, set()
+        return super().__enter__()
+
+    def _release(self, key, nbytes):
+        self.now -= nbytes
+        self.alive.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # views and in-place results share an input's storage: nothing new (it may predate the block)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in inputs:
+                continue
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if storage.nbytes() and key not in self.alive:
+                self.alive.add(key)
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out

@@ -49,8 +49,8 @@ from checkpoint import (disk_needed, load_checkpoint_state, read_run_config, rng
 from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
-from memory import count_params, print_memory_estimate
-from model import PRESETS, Transformer, generate
+from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_plan
+from model import PRESETS, ModelConfig, Transformer, generate
 from rewards import is_correct, reward
 from tokenizer import byte_tokenizer, load_tokenizer
 
@@ -67,6 +67,7 @@ class Config:
     precision: str = opt("auto", "auto = bf16-mixed on cuda (fp32 master weights, bf16 autocast), else fp32; or bf16")
     threads: int = opt(0, "torch CPU threads; 0 = all cores")
     resume: bool = opt(False, "continue from out_dir/ckpt (same config, same data, same RNG)")
+    dry_run: bool = opt(False, "print the GPU memory plan of this run (config.json alone for qwen) and exit")
     progress: bool = opt(True, "show a tqdm bar (the per-step log line is printed either way)")
     run_preset: str = opt("auto", "defaults under the command line (below): auto = qwen, gpu on CUDA, else cpu")
     # model
@@ -102,7 +103,7 @@ class Config:
     save_every: int = opt(20, "write ckpt/ every N steps of either phase (and at the end of each phase)")
     max_bad_steps: int = opt(5, "stop after this many non-finite losses or gradients in a row (either phase)")
     check_disk: bool = opt(True, "before the first step, stop if out_dir lacks the space its checkpoints need")
-    gpu_memory_gb: float = opt(80.0, "GPU size the memory estimate plans for when no GPU is visible")
+    gpu_memory_gb: float = opt(0.0, "GPU size the memory plan is for; 0 = the visible GPU (80 when none is)")
 
 
 # Run presets: defaults for a kind of run, applied before the command line (which always wins).
@@ -262,19 +263,63 @@ class Run:
 # Set-up: configuration, seeds, precision, model and tokenizer
 
 
+def scratch_config(cfg):
+    """PRESETS[cfg.preset], resized by --dim / --n_layers: heads of width 64, two query heads per kv head."""
+    mc = PRESETS[cfg.preset]
+    if cfg.dim or cfg.n_layers:
+        dim = cfg.dim or mc.dim
+        mc = dataclasses.replace(mc, dim=dim, n_layers=cfg.n_layers or mc.n_layers, n_heads=max(1, dim // 64),
+                                 n_kv_heads=max(1, dim // 128), ffn_dim=dim * 8 // 3 // 16 * 16)
+    return mc
+
+
 def build_model(cfg, resume_from, device, precision):
-    """The checkpoint to resume, the Qwen directory, or a fresh PRESETS[cfg.preset] (resized by --dim/--n_layers)."""
+    """The checkpoint to resume, the Qwen directory, or a fresh scratch_config(cfg)."""
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if precision == "bf16" and cfg.lr < 1e-4:
         print(f"WARNING: pure bf16 weights lose updates of lr={cfg.lr} (bf16 keeps ~3 digits); use bf16-mixed")
     if cfg.init == "qwen" or resume_from:
         return load_qwen(resume_from or cfg.model_dir, device=device, dtype=weight_dtype)
-    mc = PRESETS[cfg.preset]
-    if cfg.dim or cfg.n_layers:  # heads of width 64, two query heads per kv head (the preset's ratio)
-        dim = cfg.dim or mc.dim
-        mc = dataclasses.replace(mc, dim=dim, n_layers=cfg.n_layers or mc.n_layers, n_heads=max(1, dim // 64),
-                                 n_kv_heads=max(1, dim // 128), ffn_dim=dim * 8 // 3 // 16 * 16)
-    return Transformer(mc).to(device=device, dtype=weight_dtype)
+    return Transformer(scratch_config(cfg)).to(device=device, dtype=weight_dtype)
+
+
+def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None):
+    """Print the plan of one RL step for the card (the visible GPU, or --gpu_memory_gb) and, for comparison,
+    for 24, 48 and 80 GB cards. -> True when it fits the card."""
+    budget = cfg.gpu_memory_gb * GiB if cfg.gpu_memory_gb else torch.cuda.get_device_properties(
+        torch.cuda.current_device()).total_memory if torch.cuda.is_available() else 80 * GiB
+    rows = cfg.prompts_per_step * gcfg.group_size
+    kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit)
+    fits = print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
+    for card in (24, 48, 80):
+        plan = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw)
+        best = fitting_micro_batch(mc, gcfg, rows, prompt_len, card * GiB, **kw)
+        ok = plan.rollout_peak < 0.9 * card * GiB and best
+        print(f"  on a {card} GB card: " + (f"fits at micro_batch_size <= {best}" if ok else "does not fit"))
+    return fits
+
+
+def dry_run(cfg, gcfg):
+    """--dry_run: the memory plan from config.json alone (no weights read; the tokenizer when it is there)."""
+    if cfg.init == "qwen":
+        with open(os.path.join(cfg.model_dir, "config.json")) as f:
+            mc = ModelConfig.from_hf(json.load(f))
+        try:
+            tok = load_tokenizer(cfg.model_dir)
+        except FileNotFoundError:
+            tok = None
+    else:
+        mc, tok = scratch_config(cfg), byte_tokenizer()
+    problems = countdown.test_set(min(cfg.eval_size, 50), n_nums=cfg.n_nums, num_range=cfg.num_range,
+                                  target_range=cfg.target_range)
+    if tok is None:
+        prompt_len = 256
+        print("no tokenizer beside config.json: planning for prompts of 256 tokens")
+    else:
+        template, _ = countdown.prompt_setup(tok, cfg.template, cfg.init == "scratch")
+        prompt_len = max(len(tok.encode(countdown.render_prompt(p, template, tok))) for p in problems)
+    precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed"  # the plan is for a GPU
+    memory_plan(cfg, gcfg, mc, prompt_len, precision, tok.n_vocab if tok else None)
 
 
 def setup(argv, stop_requested):
@@ -285,6 +330,9 @@ def setup(argv, stop_requested):
         resume_from, state = load_checkpoint_state(overrides.get("out_dir", "out")) if overrides.get("resume") \
             else (None, None)
         cfg, gcfg = resolve_config(overrides, device, read_run_config(resume_from) if resume_from else None)
+        if cfg.dry_run:
+            dry_run(cfg, gcfg)
+            raise SystemExit(0)
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
@@ -455,7 +503,7 @@ def train_rl(run, state):
           f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps")
     if run.on_cuda or cfg.init == "qwen":
         prompt_len = max(len(tok.encode(countdown.render_prompt(p, run.template, tok))) for p in run.test_problems)
-        print_memory_estimate(model, cfg.prompts_per_step * G, prompt_len, gcfg, cfg.gpu_memory_gb)
+        memory_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
         if step in cfg.keep_steps:  # the policy before this step's update, for pass@k over RL length
             run.save(f"step_{step}")

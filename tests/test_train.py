@@ -228,7 +228,7 @@ def test_qwen_init_runs_end_to_end(tmp_path, capsys):
                 "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--micro_batch_size=2",
                 "--eval_size=3", "--eval_every=1", "--threads=1", "--progress=false", "--lr=1e-3"])
     text = capsys.readouterr().out
-    assert "memory estimate" in text and "largest micro_batch_size that fits" in text
+    assert "memory plan" in text and "largest micro_batch_size that fits" in text
     assert "reference" in text  # beta = 0.001 by default on this path: a reference model is counted
     run_config = json.load(open(os.path.join(out, "final", "run_config.json")))
     assert run_config["template"] == "chat" and run_config["init"] == "qwen" and run_config["warmup_steps"] == 0

@@ -1,0 +1,110 @@
+"""The memory plan (memory.py) against a measurement of the same RL step: LiveBytes counts the storage of every
+tensor torch makes, at small shapes on CPU, for fp32 and bf16-mixed, with and without checkpointing, KL and
+top-p. And `train.py --dry_run` on a config.json alone."""
+import copy
+import json
+
+import pytest
+import torch
+
+import grpo
+import train
+from memory import GiB, LiveBytes, count_params, plan_rl_step
+from model import ModelConfig, Transformer, generate
+
+CONFIG = ModelConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
+
+
+def test_live_bytes_by_hand():
+    with LiveBytes() as live:
+        a = torch.randn(1000, 1000)       # 4 MB
+        b = a * 2                         # 8 MB live
+        view = a[:10]                     # a view makes nothing new
+        del b                             # back to 4
+        c = a + 1                         # 8 again: the peak stays 8
+        a.add_(1)                         # in place: nothing new
+    assert live.peak == 8_000_000 and live.now == 8_000_000 and view.shape == (10, 1000) and c.shape == a.shape
+
+
+def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4):
+    """One rollout and one update of 4 prompts x 4 samples, 20 + 60 tokens, each measured by LiveBytes on top of
+    the tensors that exist between steps (weights, AdamW state, the reference)."""
+    gcfg = grpo.GRPOConfig(group_size=4, max_new_tokens=60, micro_batch_size=micro_batch, logprob_chunk=64,
+                           beta=beta, top_p=top_p)
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    model.gradient_checkpointing = checkpointing
+    ref_model = copy.deepcopy(model).requires_grad_(False) if beta else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed")
+    prompts = [[1 + i] * 20 for i in range(4)]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0] * 4)
+
+    def rollout():
+        with autocast:
+            return generate(model, prompts, 60, temperature=1.0, top_p=top_p, seed=0, num_samples=4)
+
+    def batch_of(completions):
+        return grpo.micro_batches(grpo.per_row(prompts, 4), completions, rewards, grpo.group_advantages(rewards, 4),
+                                  gcfg, pad_id=0, stop_ids=())
+    grpo.update(model, optimizer, batch_of(rollout()), gcfg, ref_model, autocast=autocast)  # AdamW state exists
+    between_steps = sum(p.numel() * p.element_size() for p in model.parameters()) * 3 \
+        + sum(p.numel() * p.element_size() for p in (ref_model.parameters() if ref_model else []))
+    with LiveBytes() as live:
+        completions = rollout()
+    rollout_peak = between_steps + live.peak
+    batch = batch_of(completions)
+    with LiveBytes() as live:
+        grpo.update(model, optimizer, batch, gcfg, ref_model, autocast=autocast)
+    plan = plan_rl_step(CONFIG, gcfg, 16, 20, micro_batch, precision=precision, device_type="cpu",
+                        checkpointing=checkpointing)
+    return plan, rollout_peak, between_steps + live.peak
+
+
+@pytest.mark.parametrize("precision, checkpointing, beta, top_p, micro_batch", [
+    ("fp32", True, 0.0, 1.0, 4), ("fp32", False, 0.0, 1.0, 4), ("bf16-mixed", True, 0.0, 1.0, 4),
+    ("bf16-mixed", False, 0.0, 1.0, 4), ("bf16-mixed", True, 0.01, 0.9, 8), ("fp32", True, 0.0, 1.0, 16)])
+def test_the_plan_is_within_12_percent_of_the_measured_peaks(precision, checkpointing, beta, top_p, micro_batch):
+    plan, rollout_peak, update_peak = measured_peaks(precision, checkpointing, beta, top_p, micro_batch)
+    assert plan.rollout_peak == pytest.approx(rollout_peak, rel=0.12)
+    assert plan.update_peak == pytest.approx(update_peak, rel=0.12)
+
+
+def test_the_plan_of_qwen_3b_by_hand():
+    qwen3b = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
+                         qkv_bias=True, tie_embeddings=True, max_seq_len=32768)
+    assert count_params(qwen3b) == 3_085_938_688  # Qwen2.5-3B's published count
+    gcfg = grpo.GRPOConfig(group_size=8, max_new_tokens=1024, micro_batch_size=8, beta=0.001)
+    plan = plan_rl_step(qwen3b, gcfg, 128, 150, 8)
+    P = 3_085_938_688
+    assert (plan.weights, plan.gradients, plan.optimizer, plan.reference) == (4 * P, 4 * P, 8 * P, 2 * P)
+    # K and V: 36 layers x 2 kv heads x 128 dims x 1174 positions x (128 rows + 16 prefill rows) x 2 bytes
+    assert plan.kv_cache == 2 * 36 * 256 * 1174 * 144 * 2
+    assert 5.7 < plan.cast_weights / GiB < 5.8  # every weight but the norms, once in bf16
+
+
+def write_config(directory, **changes):
+    config = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
+                         qkv_bias=True, tie_embeddings=True, max_seq_len=32768).to_hf()
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_dry_run_plans_qwen_3b_from_config_json_alone(tmp_path, capsys):
+    write_config(tmp_path / "qwen")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--init=qwen", f"--model_dir={tmp_path / 'qwen'}", "--dry_run", "--gpu_memory_gb=80",
+                    f"--out_dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and not (tmp_path / "run").exists()  # nothing written, no weights read
+    assert "3.09B params" in out and "prompts of 256 tokens" in out and "fits; the largest micro_batch_size" in out
+    assert "on a 24 GB card: does not fit" in out and "on a 80 GB card: fits" in out
+    with pytest.raises(SystemExit):
+        train.main(["--init=qwen", f"--model_dir={tmp_path / 'qwen'}", "--dry_run", "--gpu_memory_gb=24"])
+    assert "does NOT fit whatever the batch" in capsys.readouterr().out
+
+
+def test_dry_run_on_a_bad_config_is_one_line(tmp_path):
+    write_config(tmp_path / "llama", model_type="llama")
+    with pytest.raises(SystemExit, match="^error: unsupported config.json: model_type='llama'"):
+        train.main(["--init=qwen", f"--model_dir={tmp_path / 'llama'}", "--dry_run"])
