@@ -3,6 +3,7 @@ Benchmark model.py's sampler and loader (a script, not a test).
 
     python bench.py              # batch 1, 16, 64; 128 new tokens; HF comparison and load-memory check
     python bench.py --quick      # batch 1 and 16, 32 new tokens: a minute on a laptop CPU
+    python bench.py --gpu        # the GPU acceptance check (below); --gpu --device=cpu runs it at a tiny shape
 
 Workload: a random 512-dim, 8-layer Qwen2 (8 heads, 2 kv heads) with Qwen's 151,936-row vocabulary, float32 on
 CPU and bfloat16 on CUDA. Prompts of --prompt-len tokens, temperature 1.0 sampling, no stop ids (every row makes
@@ -12,6 +13,13 @@ When transformers is installed, the same weights run through Qwen2ForCausalLM.ge
 the ratio ours/theirs is printed. Finally load_qwen's peak resident memory is measured in a fresh subprocess and
 divided by the checkpoint's size on disk (1.0 = the weights held exactly once).
 Timings on a shared machine are noisy: each number is the best of --repeats runs.
+
+--gpu: one RL step (16 prompts x 8 samples, 150 + 1,024 tokens, beta 0.001, micro-batch 8, bf16-mixed, two
+optimizer steps on the batch) of a random-weight Qwen2.5-3B-shaped model, and one table: memory.plan_rl_step's
+rollout and update peaks against torch.cuda.max_memory_allocated (LiveBytes on CPU), the KV cache's dtype and
+size, and whether the second optimizer step saw the first one's weights (its weights against a run with
+autocast's cast cache off). On CPU the model and batch are tiny, so that the script cannot crash on its first GPU
+run.
 """
 import os
 import shutil
@@ -23,8 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+import grpo
+import model as model_module
 from cli import opt, parse, pick_device
 from hf_io import save_hf
+from memory import LiveBytes, plan_rl_step
 from model import ModelConfig, Transformer, generate
 
 
@@ -39,6 +50,72 @@ class BenchConfig:
                           "oversubscribed OpenMP threads can make every matmul 10-50x slower")
     no_hf: bool = opt(False, "skip the transformers comparison")
     no_load: bool = opt(False, "skip the load_qwen memory measurement")
+    gpu: bool = opt(False, "the GPU acceptance check instead (see above)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (--gpu only)")
+
+
+def peak_of(fn, device):
+    """-> (fn's result, the peak bytes allocated while it ran, on top of what was allocated before)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated(device) - before
+    with LiveBytes() as live:
+        result = fn()
+    return result, live.peak
+
+
+def gpu_acceptance(device):
+    on_cuda = device.type == "cuda"
+    mc = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
+                     qkv_bias=True, tie_embeddings=True, max_seq_len=32768) if on_cuda else \
+        ModelConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
+    P, G, prompt_len, new = (16, 8, 150, 1024) if on_cuda else (2, 4, 20, 16)
+    gcfg = grpo.GRPOConfig(group_size=G, max_new_tokens=new, micro_batch_size=8 if on_cuda else 4, beta=0.001,
+                           num_iterations=2, clip_eps_low=1e-3, clip_eps_high=1e-3)
+    torch.manual_seed(0)
+    policy = Transformer(mc).to(device)
+    policy.gradient_checkpointing = True
+    reference = Transformer(mc).to(device, torch.bfloat16 if on_cuda else torch.float32).requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=on_cuda)  # large enough to move bf16 casts
+    autocast = torch.autocast(device.type, torch.bfloat16)
+    prompts = torch.randint(0, 151643 if on_cuda else 4000, (P, prompt_len)).tolist()
+    caches = []
+
+    class RecordingCache(model_module.KVCache):  # keeps each rollout's cache, to read its dtype and size
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+    model_module.KVCache = RecordingCache
+
+    def rollout():
+        with autocast:
+            return generate(policy, prompts, new, temperature=1.0, seed=0, num_samples=G)
+    rewards = torch.tensor([1.0, 0.0] * (P * G // 2))
+
+    def update():
+        batch = grpo.micro_batches(grpo.per_row(prompts, G), completions, rewards, grpo.group_advantages(rewards, G),
+                                   gcfg, pad_id=0, stop_ids=(), device=device)
+        return grpo.update(policy, optimizer, batch, gcfg, reference, autocast=autocast)
+    completions, _ = peak_of(rollout, device)  # the first step allocates AdamW's state: measure the second
+    update()
+    static = sum(p.numel() * p.element_size() for m in (policy, reference) for p in m.parameters()) \
+        + sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    completions, rollout_extra = peak_of(rollout, device)
+    metrics, update_extra = peak_of(update, device)
+    plan = plan_rl_step(mc, gcfg, P * G, prompt_len, gcfg.micro_batch_size, device_type=device.type)
+    cache = caches[-1]
+    print(f"| {'check':<40} | {'planned':>13} | {'measured':>13} |\n|{'-' * 42}|{'-' * 15}|{'-' * 15}|")
+    for name, planned, measured in [("rollout peak (full fine-tuning)", plan.rollout_peak, static + rollout_extra),
+                                    ("update peak (full fine-tuning)", plan.update_peak, static + update_extra),
+                                    (f"KV cache ({cache.keys[0].dtype})", plan.kv_cache * P * G // (P * G + P),
+                                     sum(t.numel() * t.element_size() for t in cache.keys + cache.values))]:
+        print(f"| {name:<40} | {planned / 2**20:9.1f} MiB | {measured / 2**20:9.1f} MiB |")
+    print(f"| {'2 optimizer steps per batch: clip_frac':<40} | {'> 0':>13} | {metrics['clip_frac']:13.4f} |")
 
 
 try:
@@ -47,6 +124,13 @@ except ValueError as e:
     raise SystemExit(f"bench.py: {e}") from None
 if args.quick:
     args.batch_sizes, args.new_tokens, args.repeats = (1, 16), 32, 1
+if args.gpu:
+    try:
+        gpu_device = torch.device(pick_device(args.device))
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    gpu_acceptance(gpu_device)
+    raise SystemExit(0)
 
 if args.threads:
     torch.set_num_threads(args.threads)

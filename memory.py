@@ -87,7 +87,7 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         # [chunk, V] logits, exp and gradient in float32; the head's gradient in the matmul's dtype, its float32
         # cast, the full-size [V, C] copy a slice's backward writes when vocab_limit < V, and the embedding's
         # dense [V, C] gradient, added to the one accumulated so far
-        logprob_head=3 * gcfg.logprob_chunk * V * 4 + V * C * (a + (4 if a == 2 else 0)
+        logprob_head=3 * min(gcfg.logprob_chunk, B * gcfg.max_new_tokens) * V * 4 + V * C * (a + (4 if a == 2 else 0)
                                                                  + (4 if (vocab_limit or V) < V else 0) + 4))
 
 

@@ -3,6 +3,7 @@ tensor torch makes, at small shapes on CPU, for fp32 and bf16-mixed, with and wi
 top-p. And `train.py --dry_run` on a config.json alone."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -108,3 +109,17 @@ def test_dry_run_on_a_bad_config_is_one_line(tmp_path):
     write_config(tmp_path / "llama", model_type="llama")
     with pytest.raises(SystemExit, match="^error: unsupported config.json: model_type='llama'"):
         train.main(["--init=qwen", f"--model_dir={tmp_path / 'llama'}", "--dry_run"])
+
+
+def test_the_gpu_acceptance_script_runs_end_to_end_at_a_tiny_shape_on_cpu():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "bench.py", "--gpu", "--device=cpu"], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in run.stdout.splitlines() if line.count("|") == 4}
+    for name in ("rollout peak (full fine-tuning)", "update peak (full fine-tuning)"):
+        planned, measured = (float(cell.split()[0]) for cell in rows[name])
+        assert planned == pytest.approx(measured, rel=0.2)
+    assert "KV cache (torch.bfloat16)" in rows and float(rows["2 optimizer steps per batch: clip_frac"][1]) > 0
