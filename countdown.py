@@ -18,6 +18,7 @@ What is here, top to bottom:
 5. Demonstrations for the next-token-prediction warm-up: a short form (the answer alone) and a long form
    (a systematic search written out step by step), mixed with a knob p_long, after Tsilivis et al.,
    "How Reinforcement Learning After Next-Token Prediction Facilitates Learning" (arXiv 2510.11495).
+6. The task plug: the names train.py and eval.py call (--task=countdown, the default; parity.py is the other).
 """
 import hashlib
 import json
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
 from math import gcd
+
+import rewards
 
 # -----------------------------------------------------------------------------
 # 1. Problems
@@ -597,9 +600,27 @@ def long_demonstration(problem):
 # ===========================================================================
 
 
-def sample_demonstration(problem, p_long, rng):
+def sample_demonstration(problem, p_long, rng, **knobs):
     """A long demonstration with probability p_long, else a short one (the paper's mixture D(p_cot)).
-    rng: a random.Random (or anything with .random())."""
+    rng: a random.Random (or anything with .random()). knobs: the difficulty knobs (unused: the problem is given)."""
     if not 0.0 <= p_long <= 1.0:
         raise ValueError(f"p_long must be a probability in [0, 1], got {p_long}")
     return long_demonstration(problem) if rng.random() < p_long else short_demonstration(problem)
+
+
+# -----------------------------------------------------------------------------
+# 6. The task plug (train.py and eval.py: --task=countdown). The other names they call are above:
+# test_set, sample_demonstration, prompt_setup, render_prompt, is_long_form, and Problem.to_dict.
+
+KNOBS = ("n_nums", "num_range", "target_range")  # train.Config fields passed as keywords to problem_stream,
+# test_set and sample_demonstration
+RUN_DEFAULTS = {}  # the Config defaults are Countdown's
+
+
+def problem_stream(seed, phase, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100)):
+    """train_stream for a phase: the warm-up draws problems with a long demonstration (integer_steps=True),
+    RL any solvable problem."""
+    return train_stream(seed, n_nums, num_range, target_range, integer_steps=phase == "warmup")
+
+
+reward = rewards.reward  # (reward, reason): TinyZero's 1.0 / 0.1 / 0.0

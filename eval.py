@@ -16,7 +16,9 @@ Chen et al. 2021 (Codex) averaged over problems, plus the "solvable set" (proble
 sample) and its overlap between two models. Greedy accuracy (temperature 0) is reported separately.
 - Countdown: the held-out set countdown.test_set with the difficulty knobs and prompt template of the
   checkpoint's run_config.json (TinyZero defaults, 3-4 numbers in 1..99, for a plain HF directory), scored by
-  rewards.reward, whose failure reasons are counted.
+  rewards.reward, whose failure reasons are counted. The same for the checkpoint's other train.py task (its
+  run_config's "task", or --task; e.g. parity.py, with its knobs and reward): --benchmark=countdown means "the
+  train.py task" (tasks.py). The share of replies in the task's long form is reported, greedy and sampled.
 - GSM8K, MATH, BBH, MMLU-Pro (--benchmark=NAME --data=FILE, benchmarks.py): each from its published file,
   zero-shot (GSM8K and MATH with SimpleRL's "Please reason step by step, and put your final answer within
   \\boxed{}.", as limit-of-RLVR) or --shots=k, graded by rules checked against each benchmark's own grader on
@@ -40,6 +42,7 @@ from tqdm import tqdm
 
 import benchmarks
 import countdown
+import tasks
 from checkpoint import read_run_config
 from cli import opt, parse, pick_device, run_script
 from hf_io import load_qwen
@@ -65,6 +68,8 @@ class EvalConfig:
     seed: int = opt(0, "sampling seed (the same per problem for every compared model)")
     template: str = opt("", 'base | chat | compact | auto; "" = run_config.json\'s; auto = train.py\'s rule')
     problems_file: str = opt("", "Countdown problems as JSONL (countdown.save_problems) instead of test_set")
+    task: str = opt("", 'train.py task of --benchmark=countdown: "" = run_config.json\'s task (countdown if none) | '
+                        'countdown | parity')
     benchmark: str = opt("countdown", "countdown | gsm8k | math | bbh | mmlu_pro (benchmarks.py); all but countdown "
                                       "read --data")
     data: str = opt("", "the benchmark's file in its published format (BBH: its directory of TASK.jsonl files)")
@@ -213,10 +218,11 @@ def greedy(model, prompt_ids, max_new_tokens, stop_ids, vocab_limit, batch_size)
     return completions
 
 
-def render_prompts(task, items, template, tokenizer, cfg, data):
-    """Countdown's prompt (as in training) or the benchmark's, with its exemplars (built once per group)."""
+def render_prompts(task, plug, items, template, tokenizer, cfg, data):
+    """The train.py task's prompt (plug: its module, as in training) or the benchmark's, with its exemplars
+    (built once per group)."""
     if task == "countdown":
-        return [countdown.render_prompt(item, template, tokenizer) for item in items]
+        return [plug.render_prompt(item, template, tokenizer) for item in items]
     shots = {}
     for item in items:
         if item["group"] not in shots:
@@ -224,13 +230,18 @@ def render_prompts(task, items, template, tokenizer, cfg, data):
     return [benchmarks.prompt(task, item, template, tokenizer, shots[item["group"]]) for item in items]
 
 
-def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data):
-    """Greedy + n samples per problem for one model; writes every generation to jsonl; returns its metrics."""
+def evaluate_model(label, path, items, task, plug, cfg, max_new_tokens, jsonl, data):
+    """Greedy + n samples per problem for one model; writes every generation to jsonl; returns its metrics.
+    plug: the train.py task module (countdown's prompt setup also serves the benchmarks)."""
     model, tokenizer = load_model(path, cfg)
     run_config = read_run_config(path)
-    template, stop_ids = countdown.prompt_setup(tokenizer, cfg.template or run_config.get("template", "auto"),
-                                                run_config.get("init") == "scratch")
-    prompts = render_prompts(task, items, template, tokenizer, cfg, data)
+    prompt_setup = plug.prompt_setup if task == "countdown" else countdown.prompt_setup
+    try:
+        template, stop_ids = prompt_setup(tokenizer, cfg.template or run_config.get("template", "auto"),
+                                          run_config.get("init") == "scratch")
+    except ValueError as e:
+        raise SystemExit(f"{label}: {e}") from None
+    prompts = render_prompts(task, plug, items, template, tokenizer, cfg, data)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     room = model.config.max_seq_len - max(len(p) for p in prompt_ids)
     if room < 1:
@@ -240,7 +251,7 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data):
         print(f"{label}: max_new_tokens {max_new_tokens} -> {room} (max_seq_len {model.config.max_seq_len})")
         max_new_tokens = room
     stats = {"greedy": [0] * len(items), "correct": [0] * len(items), "samples": [], "reasons": Counter(),
-             "greedy_reasons": Counter(), "aha": Counter()}
+             "greedy_reasons": Counter(), "aha": Counter(), "greedy_long": 0}
 
     def record(kind, i, j, tokens):
         stopped = bool(tokens) and tokens[-1] in stop_ids
@@ -248,11 +259,11 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data):
         response = tokenizer.decode(content)
         item = items[i]
         if task == "countdown":
-            reward_value, reason = reward(response, item)
+            reward_value, reason = plug.reward(response, item)
         else:
             right, _, reason = benchmarks.grade(task, response, item)
             reward_value = float(right)
-        correct, phrases = is_correct(reason), aha_phrases(response)
+        correct, phrases, long = is_correct(reason), aha_phrases(response), plug.is_long_form(response)
         jsonl.write(json.dumps({"model": label, "kind": kind, "problem_index": i, "sample": j,
                                 "problem": item.to_dict() if task == "countdown" else item, "prompt": prompts[i],
                                 "response": response, "reward": reward_value, "reason": reason, "correct": correct,
@@ -260,9 +271,10 @@ def evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data):
         if kind == "greedy":
             stats["greedy"][i] = int(correct)
             stats["greedy_reasons"][reason] += 1
+            stats["greedy_long"] += long
             return
         stats["correct"][i] += correct
-        stats["samples"].append((correct, len(content), bool(phrases)))
+        stats["samples"].append((correct, len(content), bool(phrases), long))
         stats["reasons"][reason] += 1
         stats["aha"].update(phrases)
 
@@ -307,8 +319,8 @@ def differences(base, other, n):
 def summarize(stats, n, groups=None):
     """Greedy accuracy, pass@k, failure reasons, response lengths, aha phrases; all over the n samples. groups:
     each problem's BBH task or MMLU-Pro category, for a breakdown of greedy accuracy and pass@1."""
-    counts, samples = stats["correct"], np.array(stats["samples"], dtype=np.float64)  # (P*n, 3)
-    correct, lengths, aha = samples[:, 0] > 0, samples[:, 1], samples[:, 2] > 0
+    counts, samples = stats["correct"], np.array(stats["samples"], dtype=np.float64)  # (P*n, 4)
+    correct, lengths, aha, long = samples[:, 0] > 0, samples[:, 1], samples[:, 2] > 0, samples[:, 3] > 0
     total = len(samples)
 
     def mean(x):  # None for an empty selection (e.g. no correct responses)
@@ -325,6 +337,8 @@ def summarize(stats, n, groups=None):
             "greedy_reasons": dict(sorted(stats["greedy_reasons"].items())),
             "length": {"mean": mean(lengths), "mean_correct": mean(lengths[correct]),
                        "mean_incorrect": mean(lengths[~correct]), "point_biserial_r": r_pb},
+            "long_form": {"greedy_fraction": stats["greedy_long"] / len(counts), "sampled_fraction": float(long.mean()),
+                          "accuracy_long": mean(correct[long]), "accuracy_short": mean(correct[~long])},
             "aha": {"fraction_with": float(aha.mean()), "phrases": dict(stats["aha"].most_common()),
                     "accuracy_with": mean(correct[aha]), "accuracy_without": mean(correct[~aha])},
             "correct_counts": counts,
@@ -364,7 +378,11 @@ def print_table(results):
              ("length: all", lambda m: m["length"]["mean"]),
              ("length: correct/incorrect", lambda m: f"{fmt(m['length']['mean_correct'])}/"
                                                      f"{fmt(m['length']['mean_incorrect'])}"),
-             ("corr(length, correct)", lambda m: m["length"]["point_biserial_r"])]
+             ("corr(length, correct)", lambda m: m["length"]["point_biserial_r"]),
+             ("long form: greedy/sampled", lambda m: f"{fmt(m['long_form']['greedy_fraction'])}/"
+                                                     f"{fmt(m['long_form']['sampled_fraction'])}"),
+             ("accuracy: long/short", lambda m: f"{fmt(m['long_form']['accuracy_long'])}/"
+                                                f"{fmt(m['long_form']['accuracy_short'])}")]
     rows += [(f"reason: {r}", lambda m, r=r: m["reasons"].get(r, 0.0))
              for r in sorted({r for m in models for r in m["reasons"]})]
     rows += [(f"greedy, pass@1: {g}"[:26], lambda m, g=g: f"{fmt(m['by_group'][g]['greedy_accuracy'])}, "
@@ -503,6 +521,8 @@ def analyze_run(cfg):
     """--analyze RUN_DIR: from the rollouts train.py kept (samples.jsonl), per RL step: accuracy, failure reasons
     (format violations by kind), response length and its correlation with correctness, the share with an "aha"
     phrase and the accuracy with and without one, and the long-form share (the seed paper's training analyses)."""
+    saved = [read_run_config(os.path.join(cfg.analyze, d)) for d in ("final", "ckpt", "warmup")]
+    plug = tasks.load(cfg.task or next((c["task"] for c in saved if "task" in c), "countdown"))  # its long form
     by_step = {}
     for row in benchmarks.read_jsonl(os.path.join(cfg.analyze, "samples.jsonl")):
         by_step.setdefault(row["step"], []).append(row)
@@ -517,7 +537,7 @@ def analyze_run(cfg):
                       "aha_frac": float(aha.mean()),
                       "accuracy_aha": float(correct[aha].mean()) if aha.any() else None,
                       "accuracy_no_aha": float(correct[~aha].mean()) if (~aha).any() else None,
-                      "long_frac": float(np.mean([countdown.is_long_form(r["response"]) for r in rows]))})
+                      "long_frac": float(np.mean([plug.is_long_form(r["response"]) for r in rows]))})
     print(f"{'step':>5} {'n':>4} {'accuracy':>9} {'length':>8} {'r(len,ok)':>10} {'aha':>6} {'long':>6}  reasons")
     for s in steps:
         r = "-" if s["length_correct_r"] is None else f"{s['length_correct_r']:.2f}"
@@ -554,29 +574,32 @@ def run(cfg):
         torch.set_num_threads(cfg.threads)
     run_config = read_run_config(paths[0])  # difficulty knobs and test set of the first model's run
     task, data = benchmark_and_data(cfg)
+    plug = tasks.load(cfg.task or run_config.get("task", "countdown"))  # the train.py task (tasks.py)
     if task != "countdown":
         items = benchmarks.load(task, data)[:cfg.n_problems or None]
     elif cfg.problems_file:
+        if plug is not countdown:
+            raise ValueError(f"--problems_file holds Countdown problems; this is a {plug.__name__} model")
         items = countdown.load_problems(cfg.problems_file)[:cfg.n_problems or None]
         if not items:
             raise SystemExit(f"no problems in {cfg.problems_file}")
     else:  # held-out set; TinyZero's difficulty (3-4 numbers in 1..99) when the run_config does not say
-        knobs = {key: run_config[key] for key in ("n_nums", "num_range", "target_range") if key in run_config}
-        knobs = {key: tuple(v) if isinstance(v, list) else v for key, v in knobs.items()}
         n = cfg.n_problems or run_config.get("eval_size", 1000)
-        items = countdown.test_set(n, **knobs)
+        items = plug.test_set(n, **tasks.knobs(plug, run_config))
     max_new_tokens = cfg.max_new_tokens or run_config.get("max_new_tokens", 1024)
     labels = short_labels(paths)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    results = {"task": task, "n_problems": len(items),
-               "grader": benchmarks.GRADER_RULES.get(task, "rewards.reward (exact arithmetic; TinyZero's 1.0 / 0.1 / "
-                                                           "0.0)"),
+    own_grader = "rewards.reward (exact arithmetic; TinyZero's 1.0 / 0.1 / 0.0)" if plug is countdown \
+        else f"{plug.__name__}.reward"
+    results = {"task": plug.__name__ if task == "countdown" else task, "n_problems": len(items),
+               "grader": benchmarks.GRADER_RULES.get(task, own_grader),
                "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                             "max_new_tokens": max_new_tokens, "seed": cfg.seed},
                "config": asdict(cfg), "models": {}, "overlap": None, "differences": {}, "overlaps": {}}
     with open(os.path.join(cfg.out_dir, "generations.jsonl"), "w", encoding="utf-8") as jsonl:
         for label, path in zip(labels, paths):
-            results["models"][label] = evaluate_model(label, path, items, task, cfg, max_new_tokens, jsonl, data)
+            results["models"][label] = evaluate_model(label, path, items, task, plug, cfg, max_new_tokens, jsonl,
+                                                      data)
     base = results["models"][labels[0]]
     for label in labels[1:]:  # every other model against the first (e.g. the base model, or RL step 0)
         results["differences"][label] = differences(base, results["models"][label], cfg.n_samples)

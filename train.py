@@ -1,11 +1,14 @@
 """
-train.py: the whole run in one file. Next-token-prediction warm-up, then GRPO on Countdown, then the final model.
+train.py: the whole run in one file. Next-token-prediction warm-up, then GRPO on a task, then the final model.
 
     python train.py                                   # the CPU default: minutes on 2 cores, no download
     python train.py --rl_steps=20 --eval_size=50      # any field of Config or grpo.GRPOConfig as --key=value
     python train.py --help                            # every field, its default and what it does
     python train.py --resume                          # continue a killed run exactly where its checkpoint left it
     python train.py --init=qwen --model_dir=PATH      # TinyZero setting: a Qwen2/Qwen2.5 checkpoint, one GPU
+    python train.py --task=parity                     # the parity experiment of the same paper (parity.py)
+
+The task is a module (--task=countdown, the default, or parity; tasks.py lists the names it provides).
 
 What the default run does (after Tsilivis et al., "How Reinforcement Learning After Next-Token Prediction
 Facilitates Learning", arXiv 2510.11495, on Countdown instead of parity):
@@ -42,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import countdown
 import grpo
+import tasks
 from checkpoint import (disk_needed, load_checkpoint_state, read_run_config, rng_state, save_checkpoint,
                         set_rng_state, truncate_log)
 from cli import opt, parse, pick_device, run_script, show
@@ -51,7 +54,7 @@ from eval import greedy
 from hf_io import load_qwen
 from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_plan
 from model import PRESETS, ModelConfig, Transformer, generate
-from rewards import is_correct, reward
+from rewards import is_correct
 from tokenizer import byte_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -78,10 +81,13 @@ class Config:
     model_dir: str = opt("", "Hugging Face Qwen2/Qwen2.5 directory for --init=qwen")
     template: str = opt("auto", "auto (compact for scratch, chat/base from the tokenizer) | compact | base | chat")
     gradient_checkpointing: bool = opt(False, "recompute each block in backward (memory for compute)")
-    # task (countdown.train_stream / test_set difficulty knobs)
-    n_nums: tuple = opt((3, 3), "how many numbers per problem, (min, max)")
-    num_range: tuple = opt((1, 12), "the numbers, inclusive (1-12: mostly one-digit arithmetic)")
-    target_range: tuple = opt((1, 100), "the target, inclusive")
+    # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
+    task: str = opt("countdown", "countdown | parity | a fork's task module NAME.py (its RUN_DEFAULTS apply)")
+    n_nums: tuple = opt((3, 3), "countdown: how many numbers per problem, (min, max)")
+    num_range: tuple = opt((1, 12), "countdown: the numbers, inclusive (1-12: mostly one-digit arithmetic)")
+    target_range: tuple = opt((1, 100), "countdown: the target, inclusive")
+    n_bits: int = opt(16, "parity: bits per problem, d")
+    leap: int = opt(1, "parity: the long chain writes every leap-th prefix parity (1 = all d of them)")
     eval_size: int = opt(200, "held-out problems for greedy evaluation")
     eval_batch_size: int = opt(200, "prompts per generate() call during evaluation")
     # warm-up: next-token prediction on demonstrations (scratch only; 0 steps skips it)
@@ -121,8 +127,8 @@ RUN_PRESETS = {
 
 
 def resolve_config(overrides, device, saved=None):
-    """Defaults -> run preset -> command line; a resumed run starts from its saved config instead.
-    Returns (Config, GRPOConfig); ValueError or FileNotFoundError for bad values."""
+    """Defaults -> run preset -> the task's RUN_DEFAULTS -> command line; a resumed run starts from its saved
+    config instead. Returns (Config, GRPOConfig); ValueError or FileNotFoundError for bad values."""
     values = {**dataclasses.asdict(Config()), **dataclasses.asdict(grpo.GRPOConfig())}
     if saved is not None:
         values.update({k: tuple(v) if isinstance(values.get(k), tuple) else v for k, v in saved.items()})
@@ -134,6 +140,7 @@ def resolve_config(overrides, device, saved=None):
         if preset not in RUN_PRESETS:
             raise ValueError(f"--run_preset={preset}: choose auto, {', '.join(RUN_PRESETS)}")
         values.update(RUN_PRESETS[preset], run_preset=preset)
+        values.update(tasks.load(overrides.get("task", "countdown")).RUN_DEFAULTS)
     values.update(overrides)
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in values.items() if k in names})
@@ -192,8 +199,10 @@ class Run:
     def __init__(self, cfg, gcfg, device, model, tok, test_problems, stop_requested):
         self.cfg, self.gcfg, self.device, self.model, self.tok = cfg, gcfg, device, model, tok
         self.on_cuda = torch.device(device).type == "cuda"  # also cuda:1
+        self.task = tasks.load(cfg.task)  # the task module (countdown, parity, ...) and its knobs from cfg
+        self.knobs = tasks.knobs(self.task, cfg)
         self.test_problems = test_problems  # the fixed held-out set; training problems come per step
-        self.template, self.stop_ids = countdown.prompt_setup(tok, cfg.template, cfg.init == "scratch")
+        self.template, self.stop_ids = self.task.prompt_setup(tok, cfg.template, cfg.init == "scratch")
         # bf16 autocast keeps float32 master weights and optimizer state but runs matmuls in bf16
         self.autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16-mixed")
@@ -310,14 +319,14 @@ def dry_run(cfg, gcfg):
             tok = None
     else:
         mc, tok = scratch_config(cfg), byte_tokenizer()
-    problems = countdown.test_set(min(cfg.eval_size, 50), n_nums=cfg.n_nums, num_range=cfg.num_range,
-                                  target_range=cfg.target_range)
+    task = tasks.load(cfg.task)
+    problems = task.test_set(min(cfg.eval_size, 50), **tasks.knobs(task, cfg))
     if tok is None:
         prompt_len = 256
         print("no tokenizer beside config.json: planning for prompts of 256 tokens")
     else:
-        template, _ = countdown.prompt_setup(tok, cfg.template, cfg.init == "scratch")
-        prompt_len = max(len(tok.encode(countdown.render_prompt(p, template, tok))) for p in problems)
+        template, _ = task.prompt_setup(tok, cfg.template, cfg.init == "scratch")
+        prompt_len = max(len(tok.encode(task.render_prompt(p, template, tok))) for p in problems)
     precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed"  # the plan is for a GPU
     memory_plan(cfg, gcfg, mc, prompt_len, precision, tok.n_vocab if tok else None)
 
@@ -335,8 +344,10 @@ def setup(argv, stop_requested):
             raise SystemExit(0)
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
-        test_problems = countdown.test_set(cfg.eval_size, n_nums=cfg.n_nums, num_range=cfg.num_range,
-                                           target_range=cfg.target_range)
+        task = tasks.load(cfg.task)
+        test_problems = task.test_set(cfg.eval_size, **tasks.knobs(task, cfg))
+        template, _ = task.prompt_setup(tok, cfg.template, cfg.init == "scratch")  # a template it lacks stops here
+        check_demonstrations_fit(cfg, gcfg, task, tok, template)
         threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                   else os.cpu_count())
         torch.set_num_threads(threads)
@@ -383,19 +394,37 @@ def setup(argv, stop_requested):
 # Phase 1: next-token-prediction warm-up on the demonstration mix (scratch only)
 
 
-def warmup_batch(cfg, step, tok, template):
+def check_demonstrations_fit(cfg, gcfg, task, tok, template):
+    """ValueError if no long demonstration among the first 16 warm-up problems fits both the warm-up's budget
+    (prompt + reply <= warmup_seq_len) and the reply budget max_new_tokens: the warm-up would drop them all
+    (p_long silently 0) and RL could never write the long form."""
+    if cfg.init != "scratch" or cfg.warmup_steps == 0 or cfg.p_long == 0:
+        return
+    seq_len, knobs = cfg.warmup_seq_len or gcfg.max_new_tokens, tasks.knobs(task, cfg)
+    stream, rng, sizes = task.problem_stream(0, "warmup", **knobs), random.Random(0), []
+    for _ in range(16):
+        problem = next(stream)
+        reply = len(tok.encode(task.sample_demonstration(problem, 1.0, rng, **knobs))) + 1  # + EOS
+        sizes.append((len(tok.encode(task.render_prompt(problem, template, tok))) + reply, reply))
+    if not any(total <= seq_len + 1 and reply <= gcfg.max_new_tokens for total, reply in sizes):
+        total, reply = min(sizes)
+        raise ValueError(f"a long demonstration takes {reply} tokens ({total} with its prompt), more than "
+                         f"--max_new_tokens={gcfg.max_new_tokens} or --warmup_seq_len={seq_len} allow: raise them, "
+                         f"or make the problems smaller")
+
+
+def warmup_batch(cfg, step, tok, template, task, knobs):
     """Demonstrations for one warm-up step -> list of micro-batches (inputs [b, T], targets [b, T], loss mask
     [b, T] True on completion tokens). One demonstration per row, right-padded: rows never share attention,
     which a model this small needs (packed rows slowed learning to copy the prompt's numbers ~3x in our runs).
     Rows are sorted by length and cut where the length jumps by 1.5x, so short rows don't pay for long padding."""
     rng = random.Random(step_seed(cfg.seed, "warmup", step))
-    stream = countdown.train_stream(rng.randrange(2**32), cfg.n_nums, cfg.num_range, cfg.target_range,
-                                    integer_steps=True)  # every problem then has a long demonstration
+    stream = task.problem_stream(rng.randrange(2**32), "warmup", **knobs)  # countdown: each has a long form
     examples = []
     while len(examples) < cfg.warmup_batch_size:
         problem = next(stream)
-        prompt = tok.encode(countdown.render_prompt(problem, template, tok))
-        completion = tok.encode(countdown.sample_demonstration(problem, cfg.p_long, rng)) + [tok.eos_id]
+        prompt = tok.encode(task.render_prompt(problem, template, tok))
+        completion = tok.encode(task.sample_demonstration(problem, cfg.p_long, rng, **knobs)) + [tok.eos_id]
         if len(prompt) + len(completion) <= cfg.warmup_seq_len + 1:  # longer ones are skipped
             examples.append((prompt, completion))
     examples.sort(key=lambda e: len(e[0]) + len(e[1]))
@@ -424,7 +453,7 @@ def warmup(run, state):
           f"bucketed micro-batches), p_long {cfg.p_long}, lr {cfg.warmup_lr}")
     for step in run.steps("warm-up", start, cfg.warmup_steps):
         t0 = time.time()
-        micro_batches = warmup_batch(cfg, step, run.tok, run.template)
+        micro_batches = warmup_batch(cfg, step, run.tok, run.template, run.task, run.knobs)
         lr = lr_at(step, cfg.warmup_steps, cfg.warmup_lr, warmup=20)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -463,32 +492,33 @@ def warmup(run, state):
 
 def evaluate(run, step):
     """Greedy decoding on the held-out problems: accuracy, mean response length, share in the long form."""
-    prompts = [run.tok.encode(countdown.render_prompt(p, run.template, run.tok)) for p in run.test_problems]
+    prompts = [run.tok.encode(run.task.render_prompt(p, run.template, run.tok)) for p in run.test_problems]
     with run.autocast:
         completions = greedy(run.model, prompts, run.gcfg.max_new_tokens, run.stop_ids, run.tok.n_vocab,
                              run.cfg.eval_batch_size)
     texts = [run.tok.decode(c) for c in completions]
-    accuracy = sum(is_correct(reward(t, p)[1]) for t, p in zip(texts, run.test_problems)) / len(texts)
+    accuracy = sum(is_correct(run.task.reward(t, p)[1]) for t, p in zip(texts, run.test_problems)) / len(texts)
     length = sum(map(len, completions)) / len(completions)
-    long_frac = sum(map(countdown.is_long_form, texts)) / len(texts)
+    long_frac = sum(map(run.task.is_long_form, texts)) / len(texts)
     run.log({"phase": "eval", "step": step, "eval_accuracy": accuracy, "eval_response_length": length,
              "eval_long_frac": long_frac}, f"eval @ rl step {step} | held-out greedy accuracy {accuracy:.3f} | "
                                            f"length {length:.1f} | long form {long_frac:.2f}")
 
 
-def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size):
-    """What the rollouts did: reward, accuracy (fully correct only), lengths, truncations, uniform groups."""
+def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size, is_long_form):
+    """What the rollouts did: reward, accuracy (fully correct only), lengths, truncations, uniform groups, and
+    the share in the task's long form."""
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
             "accuracy": sum(map(is_correct, reasons)) / len(reasons),
             "response_length": sum(map(len, completions)) / len(completions),
             "truncated_frac": sum(grpo.is_truncated(c, stop_ids) for c in completions) / len(completions),
             "zero_adv_frac": grpo.uniform_groups(rewards, group_size).float().mean().item(),
-            "long_frac": sum(map(countdown.is_long_form, texts)) / len(texts)}
+            "long_frac": sum(map(is_long_form, texts)) / len(texts)}
 
 
 def train_rl(run, state):
     """The GRPO loop; returns False if a signal stopped the run (ckpt/ saved), True when it finished."""
-    cfg, gcfg, model, tok, G = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size
+    cfg, gcfg, model, tok, G, task = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size, run.task
     optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
     if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup, and ckpt/ at RL step 0
         run.save("warmup")
@@ -502,7 +532,7 @@ def train_rl(run, state):
           f"rollouts per step in micro-batches of {gcfg.micro_batch_size}; max_new_tokens {gcfg.max_new_tokens}; "
           f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps")
     if run.on_cuda or cfg.init == "qwen":
-        prompt_len = max(len(tok.encode(countdown.render_prompt(p, run.template, tok))) for p in run.test_problems)
+        prompt_len = max(len(tok.encode(task.render_prompt(p, run.template, tok))) for p in run.test_problems)
         memory_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
         if step in cfg.keep_steps:  # the policy before this step's update, for pass@k over RL length
@@ -516,9 +546,9 @@ def train_rl(run, state):
         t0 = time.time()
         # ---- 1. problems: fresh ones each step, a function of (seed, step), so a resumed run sees the same
         seed = step_seed(cfg.seed, "rl", step)
-        problems = countdown.generate_problems(cfg.prompts_per_step, seed % 2**32, cfg.n_nums, cfg.num_range,
-                                               cfg.target_range)
-        prompts = [tok.encode(countdown.render_prompt(p, run.template, tok)) for p in problems]
+        stream = task.problem_stream(seed % 2**32, "rl", **run.knobs)
+        problems = [next(stream) for _ in range(cfg.prompts_per_step)]
+        prompts = [tok.encode(task.render_prompt(p, run.template, tok)) for p in problems]
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
         with run.autocast:
             completions = generate(model, prompts, gcfg.max_new_tokens, temperature=gcfg.temperature,
@@ -526,7 +556,7 @@ def train_rl(run, state):
         # ---- 3. rewards: the task's score of every response
         texts = [tok.decode(c) for c in completions]
         row_problems = grpo.per_row(problems, G)
-        rewards, reasons = zip(*[reward(t, p) for t, p in zip(texts, row_problems)])
+        rewards, reasons = zip(*[task.reward(t, p) for t, p in zip(texts, row_problems)])
         rewards = torch.tensor(rewards, dtype=torch.float32)                                    # [N]
         # ---- 4. advantages: each reward against its own group's mean (and std)
         advantages = grpo.group_advantages(rewards, G, gcfg.scale_rewards, gcfg.adv_eps)        # [N]
@@ -540,7 +570,8 @@ def train_rl(run, state):
         run.step_is_finite(math.isfinite(update["loss"]) and math.isfinite(update["grad_norm"]), f"rl step {step}")
         # ---- 6. log, and keep a few rollouts for eval.py --analyze
         dt = time.time() - t0
-        metrics = {**rollout_metrics(rewards, reasons, texts, completions, run.stop_ids, G), **update}
+        metrics = {**rollout_metrics(rewards, reasons, texts, completions, run.stop_ids, G, task.is_long_form),
+                   **update}
         run.log({"phase": "rl", "step": step, **metrics, "lr": lr, "tokens_per_s": sum(map(len, completions)) / dt,
                  "step_time": dt},
                 f"rl {step + 1}/{cfg.rl_steps} | reward {metrics['reward_mean']:.3f} | acc {metrics['accuracy']:.3f} "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cli
+import countdown
 import grpo
 import train
 from hf_io import load_safetensors, save_hf
@@ -115,7 +116,8 @@ def test_rollout_metrics_by_hand():
     texts = ["<think>x</think><answer>1</answer>", "<answer>2</answer>", "", "<answer>"]
     completions = [[1, 2, 9], [3, 9], [9], [4, 4, 4, 4]]
     reasons = ["correct", "wrong_value", "no_answer", "no_answer"]
-    m = train.rollout_metrics(rewards, reasons, texts, completions, stop_ids={9}, group_size=2)
+    m = train.rollout_metrics(rewards, reasons, texts, completions, stop_ids={9}, group_size=2,
+                              is_long_form=countdown.is_long_form)
     assert m["reward_mean"] == pytest.approx(1.1 / 4)
     assert m["reward_std"] == pytest.approx(((1 - 0.275) ** 2 + (0.1 - 0.275) ** 2 + 2 * 0.275 ** 2) ** 0.5 / 2)
     assert (m["accuracy"], m["response_length"], m["truncated_frac"]) == (0.25, 2.5, 0.25)
