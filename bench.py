@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import grpo
 import model as model_module
@@ -116,6 +117,18 @@ def gpu_acceptance(device):
                                      sum(t.numel() * t.element_size() for t in cache.keys + cache.values))]:
         print(f"| {name:<40} | {planned / 2**20:9.1f} MiB | {measured / 2**20:9.1f} MiB |")
     print(f"| {'2 optimizer steps per batch: clip_frac':<40} | {'> 0':>13} | {metrics['clip_frac']:13.4f} |")
+    # masked attention (ragged rows, training) on the intended SDPA kernel only: a fallback raises here
+    backend = SDPBackend.EFFICIENT_ATTENTION if on_cuda else SDPBackend.FLASH_ATTENTION
+    tokens = torch.randint(0, 4000, (2, 64), device=device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, :10] = False
+    try:
+        with sdpa_kernel([backend]), autocast, torch.no_grad():
+            policy.hidden_states(tokens, attention_mask=mask)
+        kernel = "ok"
+    except RuntimeError as e:
+        kernel = "FAILED: " + str(e).strip().splitlines()[0][:60]
+    print(f"| {'masked GQA attention on ' + backend.name:<40} | {'ok':>13} | {kernel:>13} |")
 
 
 try:

@@ -71,8 +71,9 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
     # half as much again (measured). Checkpointing keeps only each block's float32 input; without it every block's.
     block = B * T * (4 * C + a * (3 * C + 2 * kv) + a * 4 * F)
     saved = B * T * C * 4 * L if checkpointing else L * block
-    # the math kernel writes B x H x T x T scores (and their softmax) when SDPA has a mask and grouped kv heads
-    # on CUDA (the flash kernel takes no mask); CPU's flash kernel takes the mask
+    # SDPA's math kernel writes B x H x T x T scores (and their softmax) for a mask with grouped kv heads on CUDA;
+    # model.grouped_query_attention folds the heads so that the memory-efficient kernel takes it instead, but
+    # until bench.py --gpu has confirmed that on a GPU the scores stay counted. CPU's flash kernel takes masks.
     scores = B * H * T * T * a * 2 if device_type == "cuda" else 0
     return Plan(
         weights=P * w,

@@ -153,6 +153,24 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def grouped_query_attention(q, k, v, attn_mask, is_causal, fold=False):
+    """GQA (Ainslie et al. 2023): q (B, H, T, D), k and v (B, H_kv, T_k, D); each group of G = H // H_kv query
+    heads (consecutive, as in HF) reads one kv head. -> (B, H, T, D).
+    Plain: SDPA's enable_gqa maps the groups, no copies. On CUDA its flash kernel takes no mask and its
+    memory-efficient kernel no enable_gqa, so a mask plus enable_gqa falls to the math kernel (all B x H x T x T_k
+    scores written, the cache copied G times). fold=True (with a mask) instead folds each group's G query heads
+    into the query axis, (B, H_kv, G * T, D) against the kv heads as they are, with the mask repeated G times:
+    the same products, no GQA for SDPA to map, so the memory-efficient kernel takes it."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    if G == 1 or attn_mask is None or not fold:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=G > 1)
+    q = q.reshape(B, k.shape[1], G * T, D)                                  # group g's heads, then their T queries
+    mask = attn_mask[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, 1, G * T, -1)  # (B, 1, G*T, T_k)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)              # (B, H_kv, G*T, D)
+    return y.reshape(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -172,9 +190,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:  # write this step's keys/values, attend over everything cached so far
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, T_cached + T, D)
-        # GQA (Ainslie et al. 2023): SDPA maps each group of H // H_kv query heads onto one kv head, no copies
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
+        y = grouped_query_attention(q, k, v, attn_mask, is_causal, fold=q.is_cuda)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

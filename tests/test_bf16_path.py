@@ -272,3 +272,46 @@ def test_the_held_out_size_check_never_refuses_a_size_that_exists():
     assert in_test < bound  # what exists (solvable or not) is never refused
     with pytest.raises(ValueError, match="held-out problems asked, but at this difficulty only ~7700 exist"):
         countdown.test_set(int(bound) + 1, **knobs)
+
+# --- issue 15, item 2: masked grouped-query attention without the math kernel's GQA fallback
+
+
+def reference_attention(q, k, v, attn_mask):
+    """The textbook form: each query head h reads kv head h // G, softmax(q k^T / sqrt(D) + mask) v."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return scores.masked_fill(~attn_mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("T, cached", [(9, 0), (1, 12), (4, 6)])  # training / prefill, decode, chunk after a cache
+def test_folded_grouped_query_attention_equals_the_textbook_form(T, cached):
+    generator = torch.Generator().manual_seed(T)
+    B, H, H_kv, D = 3, 8, 2, 16
+    q = torch.randn(B, H, T, D, generator=generator)
+    k, v = (torch.randn(B, H_kv, cached + T, D, generator=generator) for _ in range(2))
+    real = torch.rand(B, cached + T, generator=generator) > 0.3
+    real[:, -T:] = True
+    q_cols, k_cols = torch.arange(cached, cached + T)[:, None], torch.arange(cached + T)[None]
+    attn_mask = ((k_cols <= q_cols)[None] & real[:, None])[:, None]          # (B, 1, T, T_k)
+    expected = reference_attention(q, k, v, attn_mask)
+    folded = model_module.grouped_query_attention(q, k, v, attn_mask, False, fold=True)
+    plain = model_module.grouped_query_attention(q, k, v, attn_mask, False, fold=False)
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain, expected, rtol=0, atol=1e-5)
+
+
+def test_the_folded_path_gives_the_same_ragged_rollouts_and_log_probs(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8]]  # ragged: every forward has a padding mask
+    before = generate(model, prompts, 12, temperature=0.8, seed=3, num_samples=2)
+    tokens = torch.randint(1, CONFIG.vocab_size, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, :4] = False
+    logits_before = model(tokens, attention_mask=mask)
+    plain = model_module.grouped_query_attention
+    monkeypatch.setattr(model_module, "grouped_query_attention",
+                        lambda q, k, v, attn_mask, is_causal, fold: plain(q, k, v, attn_mask, is_causal, fold=True))
+    assert generate(model, prompts, 12, temperature=0.8, seed=3, num_samples=2) == before
+    torch.testing.assert_close(model(tokens, attention_mask=mask)[mask], logits_before[mask], rtol=0, atol=1e-5)
