@@ -17,10 +17,7 @@ What is here, top to bottom:
    No separators: the i-th prefix parity is predicted while reading the (i-1)-th, whose value is the current
    token, and the bit it adds sits a fixed d + 1 positions back; the first one, x_1, is a plain copy from
    there, which teaches the model where to look. The mark makes that copy clean: after ">" the reply is
-   always the chain. Without it (the chain starting with x_1 itself, which a short answer's guess also
-   starts with half the time) our model did not learn the chain in 3,000 warm-up steps at p_long = 0.1, and
-   with a space between values (one more token between a value and the next) not even at p_long = 1 (both at
-   warm-up lr 3e-3; README).
+   always the chain (the README says what was measured without it, and with spaces between values).
    A leap-k chain has no copy to start from and no fixed offset: its j-th value adds bits (j-1)k+1 .. jk.
    The short answer must compute the whole parity at once, which a small model trained for minutes does not
    learn (it guesses). The first character decides the form: ">" with probability p_long, else a guess split
