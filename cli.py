@@ -100,16 +100,16 @@ def pick_device(name):
     against what this machine has. ValueError for one it lacks."""
     if name != "auto":
         try:
-            kind = torch.device(name).type
+            device = torch.device(name)
         except RuntimeError:
             raise ValueError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps") from None
+        kind = device.type
         if kind not in ("cpu", "cuda", "mps"):
             raise ValueError(f"--device={name}: expected auto, cpu, cuda, cuda:N or mps")
         if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device={name}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                              f"use --device=cpu, or install a CUDA build of torch")
-        index = torch.device(name).index
-        if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError(f"--device={name}: Apple's MPS is not available here; use --device=cpu")

@@ -47,7 +47,7 @@ from checkpoint import read_run_config
 from cli import opt, parse, pick_device, run_script
 from hf_io import load_qwen
 from model import generate
-from rewards import is_correct, reward
+from rewards import is_correct
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -100,8 +100,7 @@ def fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
 
 
 def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
-    """Print the plan's terms and peaks for a card of `budget` bytes, and what to change when it does not fit.
-    -> True when it fits."""
+    """Print the plan's terms and peaks for a card of `budget` bytes, and what to change when it does not fit."""
     plan = plan_rl_step(mc, gcfg, rollout_rows, prompt_len, gcfg.micro_batch_size, **kw)
     print(f"memory plan: {count_params(mc) / 1e9:.2f}B params, {kw.get('precision', 'bf16-mixed')}, {rollout_rows} "
           f"rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
@@ -123,8 +122,6 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
               if best else "  the update does NOT fit even at --micro_batch_size=1: lower --max_new_tokens")
     else:
         print(f"  fits; the largest micro_batch_size that fits is {best}")
-        return True
-    return False
 
 # -----------------------------------------------------------------------------
 # The measurement the plan is checked against

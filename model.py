@@ -384,8 +384,8 @@ def inverse_cdf(probs, u, block=1024):
     B, V = probs.shape
     padded = F.pad(probs, (0, -V % block))                              # (B, nb * block), zero mass at the end
     blocks = padded.view(B, -1, block)                                  # (B, nb, block)
-    # block masses summed in float32 (no float64 copy of all V), accumulated across blocks in float64: a block's
-    # share is right to ~1e-7 relative; inside the chosen block every id keeps its exact float64 share
+    # block masses summed in float32 (no wide copy of all V), accumulated across blocks in u's dtype (float64): a
+    # block's share is right to ~1e-7 relative; inside the chosen block every id keeps its exact float64 share
     block_cdf = blocks.sum(dim=-1).to(u.dtype).cumsum(dim=-1)            # (B, nb)
     # stay strictly below the total, so rounding can never pick a zero-mass block or id (e.g. masked ids)
     below = lambda x, top: torch.minimum(x, torch.nextafter(top, torch.zeros_like(top)))

@@ -293,19 +293,22 @@ def build_model(cfg, resume_from, device, precision):
 
 
 def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None):
-    """Print the plan of one RL step for the card (the visible GPU, or --gpu_memory_gb) and, for comparison,
-    for 24, 48 and 80 GB cards. -> True when it fits the card."""
-    budget = cfg.gpu_memory_gb * GiB if cfg.gpu_memory_gb else torch.cuda.get_device_properties(
-        torch.cuda.current_device()).total_memory if torch.cuda.is_available() else 80 * GiB
+    """Print the plan of one RL step for the card (--gpu_memory_gb, else the visible GPU, else 80 GB) and, for
+    comparison, for 24, 48 and 80 GB cards."""
+    if cfg.gpu_memory_gb:
+        budget = cfg.gpu_memory_gb * GiB
+    elif torch.cuda.is_available():
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        budget = 80 * GiB
     rows = cfg.prompts_per_step * gcfg.group_size
     kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit)
-    fits = print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
+    print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
+    rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
     for card in (24, 48, 80):
-        plan = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw)
         best = fitting_micro_batch(mc, gcfg, rows, prompt_len, card * GiB, **kw)
-        ok = plan.rollout_peak < 0.9 * card * GiB and best
+        ok = rollout_peak < 0.9 * card * GiB and best
         print(f"  on a {card} GB card: " + (f"fits at micro_batch_size <= {best}" if ok else "does not fit"))
-    return fits
 
 
 def dry_run(cfg, gcfg):

@@ -136,8 +136,8 @@ def test_bbh_three_shot_prompt_is_the_official_one():
 
 def test_mmlu_pro_few_shot_takes_exemplars_of_the_same_category(tmp_path):
     question = {"question": "Q?", "options": ["x", "y"], "answer": "B", "category": "law"}
-    pool = [{"question": f"E{i}", "options": ["a", "b"], "category": c, "cot_content": f"A: Let's think step by step. "
-             f"The answer is (A)."} for i, c in enumerate(["math", "law", "law"])]
+    pool = [{"question": f"E{i}", "options": ["a", "b"], "category": c, "cot_content": "A: Let's think step by step. "
+             "The answer is (A)."} for i, c in enumerate(["math", "law", "law"])]
     row = benchmarks.load("mmlu_pro", write_jsonl(tmp_path / "q.jsonl", [question]))[0]
     shots = benchmarks.exemplars("mmlu_pro", row, 2, "", write_jsonl(tmp_path / "pool.jsonl", pool))
     text = benchmarks.prompt("mmlu_pro", row, "base", None, shots)

@@ -4,7 +4,6 @@ is not kept at all), so each test here fails on the code the GPU audit read (iss
 import copy
 import json
 import os
-import shutil
 
 import pytest
 import torch

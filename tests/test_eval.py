@@ -207,7 +207,7 @@ def test_default_countdown_set_and_math_end_to_end(tmp_path, one_thread):
     # what train.py writes: template "auto" means compact for a from-scratch (init=scratch) model
     run_config = {"template": "auto", "init": "scratch", "max_new_tokens": 16, "n_nums": [3, 3],
                   "num_range": [1, 9], "target_range": [1, 20]}
-    path = save_model(tmp_path / "run" / "final", random_model(), run_config)
+    save_model(tmp_path / "run" / "final", random_model(), run_config)
     out = tmp_path / "eval"
     results = ev.main([f"--run_dir={tmp_path / 'run'}", "--n_problems=3", "--n_samples=4", f"--out_dir={out}"])
     check_against_generations(results, out, n=4)
