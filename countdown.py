@@ -26,6 +26,8 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from collections import Counter
+from fractions import Fraction
 from functools import lru_cache
 from itertools import combinations
 from math import gcd
@@ -268,6 +270,30 @@ def solve(nums, target, integer_steps=False):
     return found
 
 
+
+def count_solutions(nums, target):
+    """How many of the expressions a guesser could write equal target: every order of the numbers, every
+    bracketing and every operator at each node, each written once (3 numbers: 6 orders x 2 bracketings x 4^2
+    operators = 192 expressions). A difficulty for pass@k at large k: a problem few of them solve is hard
+    to hit by trying many answers. Exact fractions; a division by zero is not an expression."""
+    leaves = [Fraction(n) for n in nums]
+
+    @lru_cache(maxsize=None)
+    def values(mask):  # the numbers in the bit mask -> Counter {value: expressions with that value}
+        if mask & (mask - 1) == 0:
+            return Counter({leaves[mask.bit_length() - 1]: 1})
+        out = Counter()
+        left = (mask - 1) & mask
+        while left:  # every ordered split into a left and a right operand (non-empty)
+            for a, na in values(left).items():
+                for b, nb in values(mask ^ left).items():
+                    for v in (a + b, a - b, a * b, a / b if b else None):
+                        if v is not None:
+                            out[v] += na * nb
+            left = (left - 1) & mask
+        return out
+    return values((1 << len(leaves)) - 1)[Fraction(target)]
+
 # -----------------------------------------------------------------------------
 # 3. Problem generator with a held-out split by hash
 
@@ -335,9 +361,11 @@ def generate_problems(n, seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1
     return [next(stream) for _ in range(n)]
 
 
-def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), integer_steps=False):
+def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), integer_steps=False,
+             max_solutions=0):
     """The fixed held-out set: n distinct problems (distinct as multisets + target) from the test buckets,
-    which the training stream never produces."""
+    which the training stream never produces. max_solutions > 0 keeps only the problems that at most that
+    many expressions solve (count_solutions), in the same order: the hard part of the same set."""
     low, high = _check_knobs(n_nums, num_range, target_range, "test")
     # distinct problems: multisets of k of the R numbers, C(R + k - 1, k), times the targets; ~5% are test ones
     R, n_targets = num_range[1] - num_range[0] + 1, target_range[1] - target_range[0] + 1
@@ -355,12 +383,15 @@ def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(
             repeats += 1
             continue
         seen.add(key)
-        problems.append(problem)
         repeats = 0
+        if max_solutions and count_solutions(problem.nums, problem.target) > max_solutions:
+            continue
+        problems.append(problem)
         if len(problems) == n:
             return problems
-    raise ValueError(f"could not find {n} distinct test problems at this difficulty; the held-out space is "
-                     f"too small (it is {TEST_BUCKETS}/{N_BUCKETS} of all problems): widen the ranges or ask "
+    which = f" with at most {max_solutions} solutions" if max_solutions else ""
+    raise ValueError(f"could not find {n} distinct test problems at this difficulty (only {len(problems)}{which}); "
+                     f"the held-out space is too small (it is {TEST_BUCKETS}/{N_BUCKETS} of all problems): widen the ranges or ask "
                      f"for fewer")
 
 

@@ -68,6 +68,8 @@ class EvalConfig:
     seed: int = opt(0, "sampling seed (the same per problem for every compared model)")
     template: str = opt("", 'base | chat | compact | auto; "" = run_config.json\'s; auto = train.py\'s rule')
     problems_file: str = opt("", "Countdown problems as JSONL (countdown.save_problems) instead of test_set")
+    max_solutions: int = opt(0, "Countdown: only held-out problems that at most this many of the expressions over "
+                                "their numbers solve (countdown.count_solutions: hard to hit by guessing); 0 = all")
     task: str = opt("", 'train.py task of --benchmark=countdown: "" = run_config.json\'s task (countdown if none) | '
                         'countdown | parity')
     benchmark: str = opt("countdown", "countdown | gsm8k | math | bbh | mmlu_pro (benchmarks.py); all but countdown "
@@ -100,6 +102,7 @@ def parse_args(argv):
          and all(f.partition("=")[0] in ("countdown", *benchmarks.BENCHMARK_NAMES) for f in cfg.suite_files)
          and (not cfg.suite or cfg.suite_files)),
         ("batch_size >= 1", cfg.batch_size >= 1), ("n_problems >= 0", cfg.n_problems >= 0),
+        ("max_solutions >= 0", cfg.max_solutions >= 0),
         ("temperature >= 0", cfg.temperature >= 0), ("0 < top_p <= 1", 0 < cfg.top_p <= 1),
         ("max_new_tokens >= 0", cfg.max_new_tokens >= 0), ("math_format gsm8k|math|auto",
                                                            cfg.math_format in ("gsm8k", "math", "auto")),
@@ -585,7 +588,10 @@ def run(cfg):
             raise SystemExit(f"no problems in {cfg.problems_file}")
     else:  # held-out set; TinyZero's difficulty (3-4 numbers in 1..99) when the run_config does not say
         n = cfg.n_problems or run_config.get("eval_size", 1000)
-        items = plug.test_set(n, **tasks.knobs(plug, run_config))
+        if cfg.max_solutions and plug is not countdown:
+            raise ValueError(f"--max_solutions counts Countdown expressions; this is a {plug.__name__} model")
+        hard = {"max_solutions": cfg.max_solutions} if cfg.max_solutions else {}
+        items = plug.test_set(n, **tasks.knobs(plug, run_config), **hard)
     max_new_tokens = cfg.max_new_tokens or run_config.get("max_new_tokens", 1024)
     labels = short_labels(paths)
     os.makedirs(cfg.out_dir, exist_ok=True)

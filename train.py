@@ -79,6 +79,8 @@ class Config:
     dim: int = opt(128, "override the preset's width (0 = keep); heads = dim // 64, kv heads = dim // 128")
     n_layers: int = opt(4, "override the preset's depth (0 = keep)")
     model_dir: str = opt("", "Hugging Face Qwen2/Qwen2.5 directory for --init=qwen")
+    warmup_from: str = opt("", "scratch: skip the warm-up and start RL from this warm-up model of an earlier run "
+                               "(its out_dir/warmup; same task and knobs)")
     template: str = opt("auto", "auto (compact for scratch, chat/base from the tokenizer) | compact | base | chat")
     gradient_checkpointing: bool = opt(False, "recompute each block in backward (memory for compute)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
@@ -152,10 +154,25 @@ def resolve_config(overrides, device, saved=None):
     if not all(str(s).isdigit() for s in cfg.keep_steps):
         raise ValueError(f"--keep_steps={show(cfg.keep_steps)}: expected RL step numbers like 0,30,100")
     cfg.keep_steps = tuple(int(s) for s in cfg.keep_steps)
+    if cfg.warmup_from:
+        check_warmup_from(cfg)
     if cfg.init == "qwen" and not os.path.isdir(cfg.model_dir):
         raise FileNotFoundError(f"--init=qwen needs --model_dir=PATH, a Hugging Face Qwen2 directory; got "
                                 f"{cfg.model_dir!r}")
     return cfg, gcfg
+
+
+def check_warmup_from(cfg):
+    """ValueError unless --warmup_from names a scratch warm-up model of the same task and knobs as this run."""
+    saved = read_run_config(cfg.warmup_from)
+    if cfg.init != "scratch" or not os.path.isfile(os.path.join(cfg.warmup_from, "config.json")) or not saved:
+        raise ValueError(f"--warmup_from={cfg.warmup_from!r}: expected the warmup/ directory of an earlier "
+                         f"train.py run (config.json and run_config.json), with --init=scratch")
+    task = tasks.load(cfg.task)
+    ours, theirs = tasks.knobs(task, cfg), tasks.knobs(task, saved)
+    if saved.get("task", "countdown") != cfg.task or ours != theirs:
+        raise ValueError(f"--warmup_from={cfg.warmup_from}: that model learned task {saved.get('task', 'countdown')}"
+                         f" with {theirs}, this run asks for {cfg.task} with {ours}: pass the same knobs")
 
 
 def parse_args(argv):
@@ -287,8 +304,8 @@ def build_model(cfg, resume_from, device, precision):
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if precision == "bf16" and cfg.lr < 1e-4:
         print(f"WARNING: pure bf16 weights lose updates of lr={cfg.lr} (bf16 keeps ~3 digits); use bf16-mixed")
-    if cfg.init == "qwen" or resume_from:
-        return load_qwen(resume_from or cfg.model_dir, device=device, dtype=weight_dtype)
+    if cfg.init == "qwen" or resume_from or cfg.warmup_from:
+        return load_qwen(resume_from or cfg.warmup_from or cfg.model_dir, device=device, dtype=weight_dtype)
     return Transformer(scratch_config(cfg)).to(device=device, dtype=weight_dtype)
 
 
@@ -615,7 +632,8 @@ def main(argv=None):
     try:
         run, state = setup(sys.argv[1:] if argv is None else argv, stop_requested)
         if state is None or state["phase"] == "warmup":
-            if run.cfg.init == "scratch" and run.cfg.warmup_steps > 0 and not warmup(run, state):
+            skip = run.cfg.init != "scratch" or run.cfg.warmup_steps == 0 or run.cfg.warmup_from
+            if not skip and not warmup(run, state):
                 raise SystemExit(128 + stop_requested[0])
             state = None
         if not train_rl(run, state):

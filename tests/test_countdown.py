@@ -6,10 +6,13 @@ algorithm and a different number type from countdown.py's split search over int/
 """
 import ast
 import hashlib
+import itertools
 import json
+import math
 import random
 import re
 import time
+from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
 
@@ -380,3 +383,47 @@ def test_long_form_length_budget_and_mixture():
     assert {t for t in texts if not t.startswith("<think>")} == {countdown.short_demonstration(problems[0])}
     with pytest.raises(ValueError, match="p_long"):
         countdown.sample_demonstration(problems[0], 1.5, rng)
+
+
+def _every_expression(nums):
+    """Brute force for count_solutions: each order of the numbers, each bracketing, each operator, as a string."""
+    def trees(items):
+        if len(items) == 1:
+            yield f"Fraction({items[0]})"
+        for cut in range(1, len(items)):
+            for left in trees(items[:cut]):
+                for right in trees(items[cut:]):
+                    for op in "+-*/":
+                        yield f"({left}{op}{right})"
+    for order in itertools.permutations(range(len(nums))):
+        yield from trees([nums[i] for i in order])
+
+
+def _value(expression):
+    try:
+        return eval(expression, {"Fraction": Fraction})
+    except ZeroDivisionError:
+        return None
+
+
+def test_count_solutions_by_hand_and_against_every_expression_and_the_solver():
+    assert countdown.count_solutions([3, 5], 8) == 2     # 3+5, 5+3
+    assert countdown.count_solutions([3, 5], -2) == 1    # 3-5
+    assert countdown.count_solutions([2, 2], 4) == 4     # 2+2 and 2*2, each with the two 2s either way round
+    assert countdown.count_solutions([4, 2], 2) == 2     # 4-2, 4/2
+    rng = random.Random(5)
+    for n in (3, 3, 3, 4):
+        nums = [rng.randint(0, 9) for _ in range(n)]
+        values = Counter(_value(e) for e in _every_expression(nums))
+        assert sum(values.values()) == math.factorial(n) * (1, 1, 2, 5)[n - 1] * 4 ** (n - 1)
+        for target in range(-5, 40):
+            assert countdown.count_solutions(nums, target) == values[Fraction(target)], (nums, target)
+            assert (countdown.count_solutions(nums, target) > 0) == (countdown.solve(nums, target) is not None)
+
+
+def test_the_hard_held_out_set_is_the_hard_part_of_the_same_set_in_order():
+    knobs = dict(n_nums=(3, 3), num_range=(1, 12))
+    every, hard = countdown.test_set(200, **knobs), countdown.test_set(60, **knobs, max_solutions=4)
+    assert hard == [p for p in every if countdown.count_solutions(p.nums, p.target) <= 4][:60]
+    with pytest.raises(ValueError, match="only 127 with at most 4 solutions"):
+        countdown.test_set(200, **knobs, max_solutions=4)  # 127 of the 224 held-out problems at this difficulty

@@ -1,8 +1,10 @@
 """eval.py: pass@k against exact binomials, the math answer grader on hand-written answers, the JSONL loaders'
 errors, and end-to-end --compare runs of tiny models whose results are recomputed from the generations file."""
+import itertools
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from fractions import Fraction
 
@@ -216,6 +218,12 @@ def test_default_countdown_set_and_math_end_to_end(tmp_path, one_thread):
     assert all(len(r["problem"]["nums"]) == 3 and all(1 <= x <= 9 for x in r["problem"]["nums"]) for r in rows)
     assert all(r["prompt"] == " ".join(map(str, r["problem"]["nums"])) + f" -> {r['problem']['target']}\n"
                for r in rows)  # the compact template
+    results = ev.main([f"--run_dir={tmp_path / 'run'}", "--n_problems=3", "--n_samples=1", "--max_solutions=2",
+                       f"--out_dir={out}"])
+    with open(out / "generations.jsonl") as f:
+        hard = {tuple(json.loads(line)["problem"]["nums"]) + (json.loads(line)["problem"]["target"],) for line in f}
+    assert results["n_problems"] == len(hard) == 3  # by brute force, each solved by at most 2 of 192 expressions
+    assert all(sum(_equals(e, t) for e in _expressions(nums)) <= 2 for *nums, t in hard)
     gsm = write(tmp_path / "gsm.jsonl", [json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"})
                                          for i in range(3)])
     results = ev.main([f"--ckpt={tmp_path / 'run'}", f"--math_file={gsm}", "--n_samples=2", f"--out_dir={out}"])
@@ -223,6 +231,21 @@ def test_default_countdown_set_and_math_end_to_end(tmp_path, one_thread):
     rows = check_against_generations(results, out, n=2)
     assert rows[0]["prompt"] == "Question: 0+1?\n" + benchmarks.MATH_INSTRUCTION + "\nAnswer:"
     assert list(results["models"]["final"]["by_group"]) == ["gsm8k"]
+
+
+def _expressions(nums):
+    """Every expression over three numbers: each order, both bracketings, each operator (192)."""
+    for a, b, c in itertools.permutations(nums):
+        for p, q in itertools.product("+-*/", repeat=2):
+            yield f"(({a}{p}{b}){q}{c})"
+            yield f"({a}{p}({b}{q}{c}))"
+
+
+def _equals(expression, target):
+    try:
+        return eval(re.sub(r"(\d+)", r"Fraction(\1)", expression), {"Fraction": Fraction}) == target
+    except ZeroDivisionError:
+        return False
 
 
 def test_math_chat_prompt():

@@ -280,3 +280,21 @@ def test_keep_steps_saves_the_policy_of_those_rl_steps(tmp_path):
     assert not all(torch.equal(step2[k], final[k]) for k in final)   # step 2 is before the last update
     with pytest.raises(SystemExit, match="--keep_steps=a: expected RL step numbers"):
         train.main(TINY + [f"--out_dir={out}", "--keep_steps=a"])
+
+
+def test_warmup_from_starts_rl_where_the_earlier_run_did(tmp_path):
+    """RL from an earlier run's warmup/ is that run's RL: the same rows of metrics and the same final weights."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    rl = ["--rl_steps=2", "--prompts_per_step=4", "--group_size=4", "--lr=3e-3", "--eval_every=100", "--save_every=100"]
+    train.main(TINY + [f"--out_dir={first}", "--warmup_steps=20", "--warmup_lr=1e-2"] + rl)
+    train.main(TINY + [f"--out_dir={second}", f"--warmup_from={first}/warmup"] + rl)
+    rows = [[{k: v for k, v in r.items() if k not in ("time", "step_time", "tokens_per_s")}
+             for r in read_metrics(out) if r["phase"] != "warmup"] for out in (first, second)]
+    assert rows[0] == rows[1] and len(rows[0]) == 4  # eval at 0, two RL steps, eval at 2
+    assert not any(r["phase"] == "warmup" for r in read_metrics(second))
+    a, b = (load_safetensors(os.path.join(out, "final", "model.safetensors")) for out in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="that model learned task countdown with .*'num_range': \\(1, 9\\)"):
+        train.main(TINY + [f"--out_dir={tmp_path / 'third'}", f"--warmup_from={first}/warmup", "--num_range=1,12"])
+    with pytest.raises(SystemExit, match="expected the warmup/ directory of an earlier train.py run"):
+        train.main(TINY + [f"--out_dir={tmp_path / 'third'}", f"--warmup_from={tmp_path}"])
