@@ -523,12 +523,16 @@ def run_suite(cfg):
 def analyze_run(cfg):
     """--analyze RUN_DIR: from the rollouts train.py kept (samples.jsonl), per RL step: accuracy, failure reasons
     (format violations by kind), response length and its correlation with correctness, the share with an "aha"
-    phrase and the accuracy with and without one, and the long-form share (the seed paper's training analyses)."""
+    phrase and the accuracy with and without one, and the long-form share (the seed paper's training analyses);
+    from metrics.jsonl, over all of the step's rollouts: the policy's mean token entropy and the long-form share."""
     saved = [read_run_config(os.path.join(cfg.analyze, d)) for d in ("final", "ckpt", "warmup")]
     plug = tasks.load(cfg.task or next((c["task"] for c in saved if "task" in c), "countdown"))  # its long form
     by_step = {}
     for row in benchmarks.read_jsonl(os.path.join(cfg.analyze, "samples.jsonl")):
         by_step.setdefault(row["step"], []).append(row)
+    metrics_path = os.path.join(cfg.analyze, "metrics.jsonl")
+    logged = {r["step"]: r for r in benchmarks.read_jsonl(metrics_path) if r.get("phase") == "rl"} \
+        if os.path.isfile(metrics_path) else {}
     steps = []
     for step, rows in sorted(by_step.items()):
         correct = np.array([is_correct(r["reason"]) for r in rows])
@@ -540,19 +544,25 @@ def analyze_run(cfg):
                       "aha_frac": float(aha.mean()),
                       "accuracy_aha": float(correct[aha].mean()) if aha.any() else None,
                       "accuracy_no_aha": float(correct[~aha].mean()) if (~aha).any() else None,
-                      "long_frac": float(np.mean([plug.is_long_form(r["response"]) for r in rows]))})
-    print(f"{'step':>5} {'n':>4} {'accuracy':>9} {'length':>8} {'r(len,ok)':>10} {'aha':>6} {'long':>6}  reasons")
+                      "long_frac": float(np.mean([plug.is_long_form(r["response"]) for r in rows])),
+                      "entropy": logged.get(step, {}).get("entropy"),                 # all rollouts of the step
+                      "long_frac_all": logged.get(step, {}).get("long_frac")})
+    print(f"{'step':>5} {'n':>4} {'accuracy':>9} {'length':>8} {'r(len,ok)':>10} {'aha':>6} {'long':>6} "
+          f"{'entropy':>8} {'long(all)':>9}  reasons")
     for s in steps:
         r = "-" if s["length_correct_r"] is None else f"{s['length_correct_r']:.2f}"
+        entropy, long_all = (("-" if v is None else f"{v:.3f}") for v in (s["entropy"], s["long_frac_all"]))
         print(f"{s['step']:>5} {s['n']:>4} {s['accuracy']:>9.3f} {s['length']:>8.1f} {r:>10} {s['aha_frac']:>6.2f} "
-              f"{s['long_frac']:>6.2f}  " + ", ".join(f"{k} {v:.2f}" for k, v in s["reasons"].items()))
+              f"{s['long_frac']:>6.2f} {entropy:>8} {long_all:>9}  "
+              + ", ".join(f"{k} {v:.2f}" for k, v in s["reasons"].items()))
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "analysis.json"), "w") as f:
         json.dump({"run": cfg.analyze, "steps": steps}, f, indent=1)
     plt = pyplot("analysis.png")
     if plt is not None:
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-        for ax, key in zip(axes, ("accuracy", "length", "aha_frac", "long_frac")):
+        keys = ("accuracy", "length", "aha_frac", "long_frac") + (("entropy",) if logged else ())
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+        for ax, key in zip(axes, keys):
             ax.plot([s["step"] for s in steps], [s[key] for s in steps])
             ax.set(xlabel="RL step", title=key)
         fig.savefig(os.path.join(cfg.out_dir, "analysis.png"), dpi=100, bbox_inches="tight")

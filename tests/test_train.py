@@ -265,6 +265,10 @@ def test_kept_samples_and_their_analysis(tmp_path):
         assert s["length"] == pytest.approx(sum(r["length"] for r in mine) / 3)
         assert sum(s["reasons"].values()) == pytest.approx(1.0)
         assert s["long_frac"] == sum("</think>" in r["response"] for r in mine) / 3
+    logged = {r["step"]: r for r in read_metrics(out) if r["phase"] == "rl"}
+    assert [s["entropy"] for s in steps] == [logged[s]["entropy"] for s in range(3)]  # every rollout's, not 3
+    assert [s["long_frac_all"] for s in steps] == [logged[s]["long_frac"] for s in range(3)]
+    assert all(s["entropy"] > 0 for s in steps)
     assert os.path.isfile(tmp_path / "analysis" / "analysis.json")
 
 
