@@ -49,6 +49,7 @@ class BenchConfig:
     repeats: int = opt(2, "timing repeats (the best is kept)")
     threads: int = opt(0, "torch CPU threads (0 = torch's default); on a CPU shared with other jobs use 1, since "
                           "oversubscribed OpenMP threads can make every matmul 10-50x slower")
+    decode: tuple = opt(("eager",), "generate's decode loops timed side by side: eager, static, compiled")
     no_hf: bool = opt(False, "skip the transformers comparison")
     no_load: bool = opt(False, "skip the load_qwen memory measurement")
     gpu: bool = opt(False, "the GPU acceptance check instead (see above)")
@@ -129,12 +130,28 @@ def gpu_acceptance(device):
     except RuntimeError as e:
         kernel = "FAILED: " + str(e).strip().splitlines()[0][:60]
     print(f"| {'masked GQA attention on ' + backend.name:<40} | {'ok':>13} | {kernel:>13} |")
+    # the static-shape decode step compiled (CUDA graphs on CUDA): the eager loop's greedy tokens, and its speed
+    if on_cuda:
+        short = [p[:32] for p in prompts]
+        with autocast:
+            times = {}
+            for mode in ("eager", "compiled", "compiled"):  # the first compiled call compiles
+                t0 = time.perf_counter()
+                tokens = generate(policy, short, 256, temperature=0.0, decode=mode)
+                torch.cuda.synchronize()
+                times[mode] = (time.perf_counter() - t0, tokens)
+        same = "yes" if times["eager"][1] == times["compiled"][1] else "NO"
+        print(f"| {'compiled decode: eager greedy tokens':<40} | {'yes':>13} | {same:>13} |")
+        print(f"| {'decode tok/s, eager -> compiled':<40} | {'faster':>13} | "
+              f"{16 * 256 / times['eager'][0]:5.0f} -> {16 * 256 / times['compiled'][0]:5.0f} |")
 
 
 try:
     args = BenchConfig(**parse(sys.argv[1:], [BenchConfig], __doc__.strip().split("\n\n")[1]))
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}") from None
+if not set(args.decode) <= {"eager", "static", "compiled"}:
+    raise SystemExit(f"bench.py: --decode takes eager, static, compiled; got {','.join(args.decode)}")
 if args.quick:
     args.batch_sizes, args.new_tokens, args.repeats = (1, 16), 32, 1
 if args.gpu:
@@ -194,7 +211,11 @@ if not args.no_hf:
 for batch in args.batch_sizes:
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, 151643, (batch, args.prompt_len), generator=g)
-    runs = {"ours": lambda n: generate(model, prompts.tolist(), n, temperature=1.0, seed=0)}
+    runs = {"ours" if mode == "eager" else f"ours ({mode})":
+            lambda n, mode=mode: generate(model, prompts.tolist(), n, temperature=1.0, seed=0, decode=mode)
+            for mode in args.decode}
+    if "compiled" in args.decode:
+        runs["ours (compiled)"](args.new_tokens)  # compile before the clock starts (once per batch and cache size)
     if hf_model is not None:
         input_ids = prompts.to(device)
 
@@ -208,7 +229,7 @@ for batch in args.batch_sizes:
     line = f"batch {batch:3d}"
     for name, (prefill, decode, total) in result.items():
         line += f" | {name}: prefill {prefill:6.0f} tok/s, decode {decode:6.1f} tok/s, total {total:6.2f}s"
-    if "HF" in result:
+    if "HF" in result and "ours" in result:
         (_, ours_decode, ours_total), (_, hf_decode, hf_total) = result["ours"], result["HF"]
         line += f" | ours/HF: total {hf_total / ours_total:.2f}x, decode {ours_decode / hf_decode:.2f}x"
     print(line, flush=True)

@@ -458,12 +458,15 @@ def check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_
 # every decode step would cast every weight again (about 3x the weight traffic per token)
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), seed=None,
-             num_samples=1, vocab_limit=None):
+             num_samples=1, vocab_limit=None, decode="eager"):
     """Sample num_samples completions of each prompt (lists of token ids) -> the new tokens of each row (layout: step
     3), ending after its first stop id (kept) or max_new_tokens. Only ids < vocab_limit (model.vocab_limit if
-    None) are sampled. Under bf16 autocast the KV cache is bf16 too."""
+    None) are sampled. Under bf16 autocast the KV cache is bf16 too. decode: "eager" (below), or "static" /
+    "compiled": the same tokens from decode_static's fixed-shape step, run as it is or under torch.compile."""
     # 1. validate
     check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_samples, vocab_limit)
+    if decode not in ("eager", "static", "compiled"):
+        raise ValueError(f"decode must be eager, static or compiled, got {decode!r}")
     vocab_limit = vocab_limit or model.vocab_limit
     lengths = [len(p) for p in prompts]
     P, G, T0 = len(prompts), num_samples, max(lengths)
@@ -480,7 +483,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         pin = device.type == "cuda"  # pinned host memory lets the copy run asynchronously
         tokens = (tokens.pin_memory() if pin else tokens).to(device, non_blocking=pin)
         mask = None if min(lengths) == T0 else (mask.pin_memory() if pin else mask).to(device, non_blocking=pin)
-        kv_cache = KVCache(model.config, P, T0 + max_new_tokens, device, dtype)
+        cache_len = T0 + max_new_tokens
+        if decode != "eager":  # a few cache lengths (powers of two), so the compiled step is reused across calls
+            cache_len = min(max(64, 1 << (cache_len - 1).bit_length()), max(cache_len, model.config.max_seq_len))
+        kv_cache = KVCache(model.config, P, cache_len, device, dtype)
         # logits only over ids < vocab_limit, so ids past it (Qwen's untrained padding rows) are never sampled
         logits = next_token_logits(model, model.hidden_states(tokens, kv_cache, mask)[:, -1], vocab_limit)  # (P, V')
         # 3. copy each prompt's cache and last logits into its G sample rows. The output layout, defined here
@@ -490,10 +496,14 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
             kv_cache.select(rows)
             logits = logits[rows]                                        # (B, V')
         B = P * G
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        if decode != "eager":
+            out = decode_static(model, kv_cache, logits, max_new_tokens, generator, temperature, top_p, stop,
+                                vocab_limit, compiled=decode == "compiled")
+            return cut_after_stop(out.tolist(), stop_ids)
         out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)  # (B, max_new)
         row_ids = torch.arange(B, device=device)    # which output row each active batch row writes
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         # 4. decode one token per step for every active row
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, generator, temperature, top_p)      # (B,)
@@ -511,9 +521,89 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                     row_ids, next_token, finished = row_ids[keep], next_token[keep], finished[keep]
             logits = next_token_logits(model, model.hidden_states(next_token[:, None], kv_cache)[:, -1], vocab_limit)
         # 5. one transfer to the host, then cut each row after its first stop id (and so the -1 of dropped rows)
-        stop_set = set(stop_ids)
-        completions = [row[:next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))]
-                       for row in out.tolist()]
+        return cut_after_stop(out.tolist(), stop_ids)
     finally:
         model.train(was_training)
-    return completions
+
+
+def cut_after_stop(rows, stop_ids):
+    """Each row (a list of ids) up to and including its first stop id."""
+    stop_set = set(stop_ids)
+    return [row[:next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
+
+# -----------------------------------------------------------------------------
+# The decode loop with static shapes, for torch.compile and CUDA graphs (tested against generate's eager loop)
+#
+# generate's loop changes shapes as it goes: the cache's filled length is a Python int that grows every step, and
+# finished rows are dropped. A compiled step wants the same shapes and no host reads every time. Here every step
+# attends over the whole preallocated cache, masked to the columns written so far; the column to write is a
+# tensor; finished rows stay in the batch (their tokens are discarded) and the host checks for the end every 8
+# steps only. The attention sums gain only masked (zero) terms, so the tokens are the eager loop's.
+
+
+class StaticColumnCache:
+    """The prefilled KVCache's buffers, written at `column`, a 0-dim long tensor (the same for every row)."""
+
+    def __init__(self, kv_cache):
+        self.keys, self.values = kv_cache.keys, kv_cache.values                 # (B, H_kv, T_max, D) per layer
+        self.key_mask, self.next_pos = kv_cache.key_mask, kv_cache.next_pos     # (B, T_max) bool, (B,) long
+        self.column = torch.tensor(kv_cache.length, device=kv_cache.next_pos.device)
+
+    def update(self, layer_idx, k, v):
+        # k, v (B, H_kv, 1, D) into column `column`; attention then reads the whole buffer, masked
+        self.keys[layer_idx].index_copy_(2, self.column.view(1), k)
+        self.values[layer_idx].index_copy_(2, self.column.view(1), v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def decode_step(model, token, cache, vocab_limit):
+    """token (B,) at each row's next position -> float32 logits (B, V') for the token after it; writes the cache
+    column and moves column and positions on by one. Every shape is fixed: torch.compile(fullgraph=True) takes it."""
+    T_max = cache.key_mask.shape[1]
+    visible = cache.key_mask & (torch.arange(T_max, device=token.device) <= cache.column)  # (B, T_max)
+    attn_mask = visible[:, None, None, :]                                                 # (B, 1, 1, T_max)
+    cos, sin = rope_cos_sin(cache.next_pos[:, None], model.config, compute_dtype(model))   # (B, 1, 1, D)
+    x = model.embed_tokens(token[:, None])                                                # (B, 1, C)
+    for layer in model.layers:
+        x = layer(x, cos, sin, attn_mask, False, cache)
+    cache.column += 1
+    cache.next_pos += 1
+    return next_token_logits(model, model.norm(x)[:, -1], vocab_limit)
+
+
+_compiled_decode_step = None
+
+
+def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperature, top_p, stop, vocab_limit,
+                  compiled=False):
+    """generate's step 4 with static shapes, from the prefilled (and per-sample copied) cache and its last
+    logits (B, V') -> out (B, max_new_tokens) ids, -1 after a row's end. compiled: the step under
+    torch.compile(fullgraph=True), and on CUDA with CUDA graphs (mode="reduce-overhead")."""
+    global _compiled_decode_step
+    step_fn = decode_step
+    if compiled:
+        if _compiled_decode_step is None:
+            mode = "reduce-overhead" if logits.is_cuda else None
+            _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+        step_fn = _compiled_decode_step
+    cache = StaticColumnCache(kv_cache)
+    B = logits.shape[0]
+    out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=logits.device)  # (B, max_new)
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    active = torch.arange(B, device=logits.device)  # the rows the eager loop still holds: it draws for them only
+    next_token = torch.zeros(B, dtype=torch.long, device=logits.device)
+    for step in range(max_new_tokens):
+        # the eager loop's draws: one uniform per row it still holds, in order, so the same seed gives its tokens
+        next_token[active] = sample_next_token(logits[active], generator, temperature, top_p)
+        out[:, step] = next_token.masked_fill(finished, -1)  # a finished row writes nothing more
+        finished |= torch.isin(next_token, stop)
+        if step == max_new_tokens - 1:
+            break
+        if step % 8 == 7:  # a host sync every 8 steps, where the eager loop drops its finished rows
+            active = (~finished).nonzero().squeeze(-1)
+            if len(active) == 0:
+                break
+        logits = step_fn(model, next_token, cache, vocab_limit)
+        if compiled and logits.is_cuda:
+            logits = logits.clone()  # CUDA graphs reuse their output buffer on the next replay
+    return out
