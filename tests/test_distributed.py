@@ -4,6 +4,7 @@ batch that does not divide among the ranks stops with one line; eval.py under to
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,11 +73,16 @@ def grpo_step(case, world, groups):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
-def rank_main(rank, port, out_dir):
-    """One of 2 spawned ranks: the environment torchrun would set, distributed.init, then every case."""
+def as_rank(rank, port):
+    """In a started process: the environment torchrun would set for this rank of 2."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def rank_main(rank, port, out_dir):
+    """One of 2 started ranks: distributed.init, then every case."""
+    as_rank(rank, port)
     world, device = distributed.init("cpu")
     assert device == "cpu" and world.rank == rank and world.size == 2
     try:
@@ -93,6 +99,7 @@ def free_port():
 
 
 def test_two_ranks_take_the_step_of_one_process_on_the_whole_batch(tmp_path):
+    # forked, not spawned: the children need not import torch again (seconds each on a busy 2-core machine)
     mp.start_processes(rank_main, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     for i, case in enumerate(CASES):
         (w0, m0), (w1, m1) = (torch.load(tmp_path / f"{i}.{rank}.pt") for rank in (0, 1))
@@ -111,6 +118,34 @@ def test_two_ranks_take_the_step_of_one_process_on_the_whole_batch(tmp_path):
 
 # -----------------------------------------------------------------------------
 # train.py under torchrun
+
+
+def stop_main(rank, port, out_dir):
+    """One of 2 ranks of a real train.setup: after RL steps 1, 2, 3 each asks save_or_stop whether to stop; a
+    signal reaches rank 1 alone, before step 2 ends (the list is what train.main's signal handler appends to)."""
+    as_rank(rank, port)
+    stop_requested = []
+    try:
+        run, _ = train.setup(TINY + ["--prompts_per_step=2", f"--out_dir={out_dir}"], stop_requested)
+        optimizer, _ = run.adamw(1e-3, 0.999)
+        for step in (1, 2, 3):
+            if rank == 1 and step == 2:
+                stop_requested.append(signal.SIGUSR1)
+            if run.save_or_stop("rl", step, optimizer):
+                break
+        torch.save({"step": step, "stop_requested": [int(s) for s in stop_requested]},
+                   os.path.join(out_dir, f"stop.{rank}.pt"))
+    finally:
+        distributed.close()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    mp.start_processes(stop_main, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    rank0, rank1 = (torch.load(tmp_path / f"stop.{rank}.pt") for rank in (0, 1))
+    assert rank0["step"] == rank1["step"] == 2
+    assert rank1["stop_requested"] == [signal.SIGUSR1] and rank0["stop_requested"] == [signal.SIGTERM]
+    state = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)  # saved once, by rank 0
+    assert (state["phase"], state["step"]) == ("rl", 2)
 
 RUN = TINY + ["--warmup_steps=30", "--warmup_lr=1e-2", "--prompts_per_step=4", "--group_size=4", "--lr=3e-3",
               "--eval_every=1", "--save_every=100",
