@@ -9,6 +9,7 @@ response length, "aha" phrases, and which problems each model can solve at all.
     python eval.py --analyze=out                    # per RL step: accuracy, format, length, aha phrases
     python eval.py --suite BASE RL --suite_files gsm8k=gsm8k.jsonl math=math500.jsonl bbh=bbh mmlu_pro=mmlu.jsonl
     python eval.py --help                            # every field of EvalConfig with its default
+    torchrun --nproc_per_node=N eval.py [flags]      # the same results, the generate calls split among N ranks
 
 Protocol (limit-of-RLVR, Yue et al. 2025, arXiv 2504.13837, Sec. 2 and App. A.2): zero-shot prompts, n samples
 per problem at temperature 0.6 and top-p 0.95, pass@k for k = 1, 2, 4, ..., n from the unbiased estimator of
@@ -201,7 +202,7 @@ def sample_all(model, prompt_ids, n, temperature, cfg, max_new_tokens, stop_ids,
     are the ones a single process would draw."""
     per_call = max(1, cfg.batch_size // n)  # prompts per call (1 when n >= batch_size)
     chunk = min(n, cfg.batch_size)          # samples per prompt per call
-    firsts = world.shard(range(0, len(prompt_ids), per_call))  # every call in one process
+    firsts = world.shard(range(0, len(prompt_ids), per_call))  # this rank's share of one process's calls
     with tqdm(total=len(prompt_ids[firsts[0]:firsts[-1] + per_call]) * n if firsts else 0, desc=desc, unit="sample",
               leave=False, disable=not world.main) as bar:
         for first in firsts:

@@ -7,6 +7,7 @@ train.py: the whole run in one file. Next-token-prediction warm-up, then GRPO on
     python train.py --resume                          # continue a killed run exactly where its checkpoint left it
     python train.py --init=qwen --model_dir=PATH      # TinyZero setting: a Qwen2/Qwen2.5 checkpoint, one GPU
     python train.py --task=parity                     # the parity experiment of the same paper (parity.py)
+    torchrun --nproc_per_node=N train.py [flags]      # data parallel on N GPUs (or CPU processes): distributed.py
 
 The task is a module (--task=countdown, the default, or parity; tasks.py lists the names it provides).
 
