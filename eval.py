@@ -9,6 +9,7 @@ response length, "aha" phrases, and which problems each model can solve at all.
     python eval.py --analyze=out                    # per RL step: accuracy, format, length, aha phrases
     python eval.py --suite BASE RL --suite_files gsm8k=gsm8k.jsonl math=math500.jsonl bbh=bbh mmlu_pro=mmlu.jsonl
     python eval.py --help                            # every field of EvalConfig with its default
+    torchrun --nproc_per_node=N eval.py [flags]      # the same results, the generate calls split among N ranks
 
 Protocol (limit-of-RLVR, Yue et al. 2025, arXiv 2504.13837, Sec. 2 and App. A.2): zero-shot prompts, n samples
 per problem at temperature 0.6 and top-p 0.95, pass@k for k = 1, 2, 4, ..., n from the unbiased estimator of
@@ -28,6 +29,7 @@ template); sampling prefills each prompt once and samples in chunks of at most b
 bounded whatever n is. The default run (200 problems, n=16) takes minutes on a CPU; the paper uses n=128..1024.
 Output in out_dir: results.json, generations.jsonl (every response with its reward and reason), passk.png.
 """
+import contextlib
 import json
 import math
 import os
@@ -42,6 +44,7 @@ from tqdm import tqdm
 
 import benchmarks
 import countdown
+import distributed
 import tasks
 from checkpoint import read_run_config
 from cli import opt, parse, pick_device, run_script
@@ -190,14 +193,19 @@ def load_model(path, cfg):
 # Sampling and scoring
 
 
-def sample_all(model, prompt_ids, n, temperature, cfg, max_new_tokens, stop_ids, vocab_limit, desc):
+def sample_all(model, prompt_ids, n, temperature, cfg, max_new_tokens, stop_ids, vocab_limit, desc,
+               world=distributed.SINGLE):
     """Yield (problem index, n completions) for every prompt. At most batch_size rows per generate call: one
     prompt's n samples in chunks when n >= batch_size, else several prompts per call. Each call's seed depends
-    only on (seed, first problem, first sample), so compared models sample with the same seeds."""
+    only on (seed, first problem, first sample), so compared models sample with the same seeds. Under torchrun
+    a rank makes its share of these same calls (whole calls, the same prompts and seeds): its problems' samples
+    are the ones a single process would draw."""
     per_call = max(1, cfg.batch_size // n)  # prompts per call (1 when n >= batch_size)
     chunk = min(n, cfg.batch_size)          # samples per prompt per call
-    with tqdm(total=len(prompt_ids) * n, desc=desc, unit="sample", leave=False) as bar:
-        for first in range(0, len(prompt_ids), per_call):
+    firsts = world.shard(range(0, len(prompt_ids), per_call))  # this rank's share of one process's calls
+    with tqdm(total=len(prompt_ids[firsts[0]:firsts[-1] + per_call]) * n if firsts else 0, desc=desc, unit="sample",
+              leave=False, disable=not world.main) as bar:
+        for first in firsts:
             prompts = prompt_ids[first:first + per_call]
             rows = [[] for _ in prompts]
             for start in range(0, n, chunk):
@@ -233,9 +241,10 @@ def render_prompts(task, plug, items, template, tokenizer, cfg, data):
     return [benchmarks.prompt(task, item, template, tokenizer, shots[item["group"]]) for item in items]
 
 
-def evaluate_model(label, path, items, task, plug, cfg, max_new_tokens, jsonl, data):
+def evaluate_model(label, path, items, task, plug, cfg, max_new_tokens, jsonl, data, world=distributed.SINGLE):
     """Greedy + n samples per problem for one model; writes every generation to jsonl; returns its metrics.
-    plug: the train.py task module (countdown's prompt setup also serves the benchmarks)."""
+    plug: the train.py task module (countdown's prompt setup also serves the benchmarks). Under torchrun each rank
+    generates for its share of the generate calls, and rank 0 scores them all (the other ranks return None)."""
     model, tokenizer = load_model(path, cfg)
     run_config = read_run_config(path)
     prompt_setup = plug.prompt_setup if task == "countdown" else countdown.prompt_setup
@@ -281,14 +290,20 @@ def evaluate_model(label, path, items, task, plug, cfg, max_new_tokens, jsonl, d
         stats["reasons"][reason] += 1
         stats["aha"].update(phrases)
 
-    for i, tokens in enumerate(greedy(model, prompt_ids, max_new_tokens, stop_ids, tokenizer.n_vocab,
-                                      cfg.batch_size)):
+    # greedy in the calls of one process (batch_size prompts each), split among ranks by call, then gathered
+    firsts = world.shard(range(0, len(prompt_ids), cfg.batch_size))
+    greedy_out = world.gather(greedy(model, prompt_ids[firsts[0]:firsts[-1] + cfg.batch_size], max_new_tokens,
+                                     stop_ids, tokenizer.n_vocab, cfg.batch_size) if firsts else [])
+    sampled = world.gather(sample_all(model, prompt_ids, cfg.n_samples, cfg.temperature, cfg, max_new_tokens,
+                                      stop_ids, tokenizer.n_vocab, label, world))
+    del model
+    if not world.main:
+        return None
+    for i, tokens in enumerate(greedy_out):
         record("greedy", i, 0, tokens)
-    for i, completions in sample_all(model, prompt_ids, cfg.n_samples, cfg.temperature, cfg, max_new_tokens,
-                                     stop_ids, tokenizer.n_vocab, desc=label):
+    for i, completions in sampled:
         for j, tokens in enumerate(completions):
             record("sample", i, j, tokens)
-    del model
     groups = [item["group"] for item in items] if task != "countdown" else None
     return {"ckpt": path, "template": template, "max_new_tokens": max_new_tokens,
             **summarize(stats, cfg.n_samples, groups)}
@@ -452,11 +467,20 @@ def short_labels(paths):
 
 
 def main(argv=None):
+    """Under torchrun (torchrun --nproc_per_node=N eval.py ...) the ranks split the generate calls of every model
+    and rank 0 prints and writes the results, the same numbers as one process."""
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    world = distributed.from_env()
+    distributed.only_main_prints(world)
     try:
-        return run(cfg)
+        if world.size > 1:  # the process group, and this rank's device (cuda:LOCAL_RANK on CUDA)
+            world, device = distributed.init(pick_device(cfg.device))
+            cfg = replace(cfg, device=device)
+        return run(cfg, world)
     except (FileNotFoundError, ValueError) as e:  # bad input files or knobs: a message, not a traceback
         raise SystemExit(f"eval.py: {e}") from None
+    finally:
+        distributed.close()
 
 
 def benchmark_and_data(cfg):
@@ -498,16 +522,20 @@ def grade_file(cfg):
     return results
 
 
-def run_suite(cfg):
+def run_suite(cfg, world=distributed.SINGLE):
     """--suite A B: both models on every benchmark of --suite_files (same problems, samples and seeds), each
     benchmark's results in out_dir/NAME/, and one table of greedy accuracy and pass@1 (suite.json)."""
     table = {}
     for name, _, path in (item.partition("=") for item in cfg.suite_files):
         sub = replace(cfg, suite=(), suite_files=(), compare=cfg.suite, benchmark=name, data=path,
                       out_dir=os.path.join(cfg.out_dir, name))
-        results = run(sub)
+        results = run(sub, world)
+        if not world.main:
+            continue
         table[name] = {label: {"greedy_accuracy": m["greedy_accuracy"], "pass_at_1": m["pass_at_k"]["1"]}
                        for label, m in results["models"].items()}
+    if not world.main:
+        return None
     labels = list(next(iter(table.values())))
     print(f"\nsuite: {' vs '.join(cfg.suite)} (greedy accuracy / pass@1 over n={cfg.n_samples})")
     print(f"{'benchmark':<12}" + "".join(f"{label:>28}" for label in labels))
@@ -571,13 +599,15 @@ def analyze_run(cfg):
     return steps
 
 
-def run(cfg):
+def run(cfg, world=distributed.SINGLE):
+    if (cfg.analyze or cfg.grade) and not world.main:  # no model to run: rank 0 alone
+        return None
     if cfg.analyze:
         return analyze_run(cfg)
     if cfg.grade:
         return grade_file(cfg)
     if cfg.suite:
-        return run_suite(cfg)
+        return run_suite(cfg, world)
     paths = list(cfg.compare) or [resolve_ckpt(cfg)]
     for path in paths:
         if not os.path.isdir(path):
@@ -612,10 +642,13 @@ def run(cfg):
                "protocol": {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                             "max_new_tokens": max_new_tokens, "seed": cfg.seed},
                "config": asdict(cfg), "models": {}, "overlap": None, "differences": {}, "overlaps": {}}
-    with open(os.path.join(cfg.out_dir, "generations.jsonl"), "w", encoding="utf-8") as jsonl:
+    generations = os.path.join(cfg.out_dir, "generations.jsonl")
+    with open(generations, "w", encoding="utf-8") if world.main else contextlib.nullcontext() as jsonl:
         for label, path in zip(labels, paths):
             results["models"][label] = evaluate_model(label, path, items, task, plug, cfg, max_new_tokens, jsonl,
-                                                      data)
+                                                      data, world)
+    if not world.main:
+        return None
     base = results["models"][labels[0]]
     for label in labels[1:]:  # every other model against the first (e.g. the base model, or RL step 0)
         results["differences"][label] = differences(base, results["models"][label], cfg.n_samples)

@@ -36,6 +36,8 @@ Known bugs this file avoids:
   - Normalisers (token count, sequence count) are computed for the whole rollout batch before the
     micro-batch loop, so the loss and the gradient do not depend on micro_batch_size (TRL and verl
     have both normalised per micro-batch at times; TRL PR #6024 fixed one such mis-scaling).
+    Under torchrun they count every rank's rows, so the gradients summed over ranks do not depend on the
+    number of ranks either.
   - The loss includes each completion's stop token, so the model learns to stop.
   - Token log-probs never materialise the float32 [N, V] logits (token_logprobs: chunks, recomputed in backward).
 
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import distributed
 from cli import opt
 from model import compute_dtype
 
@@ -124,10 +127,12 @@ def is_truncated(completion, stop_ids):
 # 2. The rollout batch, cut into micro-batches
 
 
-def token_loss_weights(lengths, loss_agg, max_new_tokens):
+def token_loss_weights(lengths, loss_agg, max_new_tokens, num_rows=None, num_tokens=None):
     """lengths: loss tokens of every row of the WHOLE rollout batch -> per-token weight of each row, so that
-    loss = sum over rows and tokens of weight * l, however the rows are later split into micro-batches."""
-    num_rows, num_tokens = len(lengths), sum(lengths)
+    loss = sum over rows and tokens of weight * l, however the rows are later split into micro-batches. With data
+    parallelism lengths are this rank's rows, and num_rows, num_tokens those of all ranks together (the batch)."""
+    num_rows = len(lengths) if num_rows is None else num_rows
+    num_tokens = sum(lengths) if num_tokens is None else num_tokens
     if loss_agg == "dapo":     # DAPO: sum over all tokens / tokens in the batch
         return [1.0 / num_tokens for _ in lengths]
     if loss_agg == "grpo":     # DeepSeekMath: mean over each sequence's tokens, then mean over sequences
@@ -163,10 +168,13 @@ class MicroBatch:
     ref_logprobs: torch.Tensor = None   # [B, L] pi_ref, by update() when there is a reference model
 
 
-def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, stop_ids, device="cpu"):
+def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, stop_ids, device="cpu",
+                  world=distributed.SINGLE):
     """The rows that get a loss, cut into micro-batches of cfg.micro_batch_size rows. row_prompts,
     completions: one per rollout row (per_row's layout); rewards, advantages: [N]. Dynamic sampling and overlong
-    filtering (the GRPOConfig switches) remove whole rows; normalisers come from the rows kept, before any split."""
+    filtering (the GRPOConfig switches) remove whole rows; normalisers come from the rows kept, before any split.
+    Under torchrun (world) these are this rank's rows, whole groups, and the normalisers count the rows kept on
+    every rank: the ranks' losses then add up to the loss of the whole batch."""
     if not len(row_prompts) == len(completions) == len(rewards) == len(advantages):
         raise ValueError(f"got {len(row_prompts)} prompt rows, {len(completions)} completions, {len(rewards)} "
                          f"rewards: expected one of each per rollout row")
@@ -179,8 +187,10 @@ def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, st
     keep = [i for i, c in enumerate(completions) if len(c) > 0
             and not (cfg.drop_uniform_groups and uniform[i // cfg.group_size])
             and not (cfg.mask_truncated and is_truncated(c, stop_ids))]
-    weights = dict(zip(keep, token_loss_weights([len(completions[i]) for i in keep], cfg.loss_agg,
-                                                cfg.max_new_tokens)))
+    lengths = [len(completions[i]) for i in keep]
+    num_rows, num_tokens = world.sum([len(lengths), sum(lengths)])   # over all ranks: the batch's normalisers
+    weights = dict(zip(keep, token_loss_weights(lengths, cfg.loss_agg, cfg.max_new_tokens, int(num_rows),
+                                                int(num_tokens))))
     keep.sort(key=lambda i: len(row_prompts[i]) + len(completions[i]))  # similar lengths: less padding
     batch = []
     for start in range(0, len(keep), cfg.micro_batch_size):
@@ -277,16 +287,19 @@ def policy_loss(model, mb, cfg, vocab_limit=None):
                   "entropy": (entropy * mask).sum()}
 
 
-def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autocast=contextlib.nullcontext()):
-    """cfg.num_iterations optimizer steps on one rollout batch, each: every micro-batch's loss.backward(),
-    then grad clipping and optimizer.step(). A non-finite loss or gradient is never applied. -> metrics:
-    loss, clip_frac, kl, entropy, grad_norm (averaged over the steps taken), num_tokens, skipped (1 = no step).
+def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autocast=contextlib.nullcontext(),
+           world=distributed.SINGLE):
+    """cfg.num_iterations optimizer steps on one rollout batch, each: every micro-batch's loss.backward(), the
+    gradient summed over ranks (world; nothing in one process), then grad clipping and optimizer.step(). A
+    non-finite loss or gradient is never applied. -> metrics of the whole batch (all ranks): loss, clip_frac, kl,
+    entropy, grad_norm (averaged over the steps taken), num_tokens, skipped (1 = no step).
     autocast (e.g. torch.autocast(device, torch.bfloat16)) is entered around each forward pass, never around a
     step: autocast keeps its bf16 copy of each weight until its outermost block exits, so a block around
     optimizer.step() would run every later step on the weights as they were before it."""
     if cfg.beta > 0 and ref_model is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_model (a frozen copy of the initial policy)")
-    if not batch:  # every row was filtered out: no step
+    num_tokens = int(world.sum([sum(int(mb.completion_mask.sum()) for mb in batch)])[0])   # on all ranks
+    if num_tokens == 0:  # every row was filtered out: no step
         return {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "num_tokens": 0,
                 "skipped": 1}
 
@@ -297,9 +310,9 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autoc
         for mb in batch:
             mb.old_logprobs = logprobs_of(model, mb) if cfg.num_iterations > 1 else None
             mb.ref_logprobs = logprobs_of(ref_model, mb) if ref_model is not None else None
-    num_tokens = sum(int(mb.completion_mask.sum()) for mb in batch)
     # sums stay on the device: one host sync per step (the grad norm), not several per micro-batch
-    totals = {name: torch.zeros((), device=batch[0].tokens.device) for name in ("loss", "clip_frac", "kl", "entropy")}
+    device = next(model.parameters()).device  # a rank may have no rows (all filtered out) and still take part
+    totals = {name: torch.zeros((), device=device) for name in ("loss", "clip_frac", "kl", "entropy")}
     grad_norms, skipped = [], 0
     optimizer.zero_grad(set_to_none=True)
     for iteration in range(cfg.num_iterations):
@@ -310,13 +323,16 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autoc
             totals["loss"] += loss.detach()
             for name, value in sums.items():
                 totals[name] += value / num_tokens
+        world.sum_grads(model.parameters())  # each rank's share of the batch gradient -> the batch gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         grad_norms.append(grad_norm.item())  # the norm before clipping
-        if not (math.isfinite(grad_norms[-1]) and torch.isfinite(totals["loss"]).item()):
+        loss = world.sum([totals["loss"].item()])[0]  # every rank takes the same decision
+        if not (math.isfinite(grad_norms[-1]) and math.isfinite(loss)):
             optimizer.zero_grad(set_to_none=True)   # never let NaN/inf reach the weights
             skipped = 1
             break
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    metrics = {name: total.item() / len(grad_norms) for name, total in totals.items()}   # per-step averages
+    sums = world.sum([total.item() for total in totals.values()])   # the ranks' shares add up to the batch's
+    metrics = {name: total / len(grad_norms) for name, total in zip(totals, sums)}   # per-step averages
     return {**metrics, "grad_norm": sum(grad_norms) / len(grad_norms), "num_tokens": num_tokens, "skipped": skipped}

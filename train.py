@@ -7,6 +7,7 @@ train.py: the whole run in one file. Next-token-prediction warm-up, then GRPO on
     python train.py --resume                          # continue a killed run exactly where its checkpoint left it
     python train.py --init=qwen --model_dir=PATH      # TinyZero setting: a Qwen2/Qwen2.5 checkpoint, one GPU
     python train.py --task=parity                     # the parity experiment of the same paper (parity.py)
+    torchrun --nproc_per_node=N train.py [flags]      # data parallel on N GPUs (or CPU processes): distributed.py
 
 The task is a module (--task=countdown, the default, or parity; tasks.py lists the names it provides).
 
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 import grpo
 import tasks
 from checkpoint import (disk_needed, load_checkpoint_state, read_run_config, rng_state, save_checkpoint,
@@ -213,8 +215,9 @@ class Run:
     scaffolding around every step of either phase: the tqdm bar and ETA, the bad-step guard, the metrics row
     and log line, and saving ckpt/ every save_every steps or when a signal asked to stop (main)."""
 
-    def __init__(self, cfg, gcfg, device, model, tok, test_problems, stop_requested):
+    def __init__(self, cfg, gcfg, device, model, tok, test_problems, stop_requested, world=distributed.SINGLE):
         self.cfg, self.gcfg, self.device, self.model, self.tok = cfg, gcfg, device, model, tok
+        self.world = world  # torchrun's ranks (distributed.py); rank 0 alone prints, logs and saves
         self.on_cuda = torch.device(device).type == "cuda"  # also cuda:1
         self.task = tasks.load(cfg.task)  # the task module (countdown, parity, ...) and its knobs from cfg
         self.knobs = tasks.knobs(self.task, cfg)
@@ -230,8 +233,8 @@ class Run:
     def steps(self, desc, start, total):
         """range(start, total) under a tqdm bar; also resets the bad-step counter and the phase clock."""
         self.bad_steps, self.t_phase, self.phase_start, self.total = 0, time.time(), start, total
-        return tqdm(range(start, total), initial=start, total=total, desc=desc, disable=not self.cfg.progress,
-                    file=sys.stdout, dynamic_ncols=True)
+        return tqdm(range(start, total), initial=start, total=total, desc=desc, file=sys.stdout, dynamic_ncols=True,
+                    disable=not (self.cfg.progress and self.world.main))
 
     def step_is_finite(self, finite, what):
         """Count non-finite steps in a row (their update is never applied); stop the run after max_bad_steps."""
@@ -244,7 +247,10 @@ class Run:
         return finite
 
     def append(self, path, rows):
-        """Append JSON rows to a log (opened and closed at once, so a kill loses at most a torn last line)."""
+        """Append JSON rows to a log (opened and closed at once, so a kill loses at most a torn last line); rank 0
+        only."""
+        if not self.world.main:
+            return
         try:
             with open(path, "a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -261,13 +267,19 @@ class Run:
             tqdm.write(f"{line} | {format_time(time.time() - self.t_start)} | eta {format_time(max(eta, 0))}")
 
     def save(self, name, phase=None, step=None, optimizer=None):
-        """out_dir/name in Hugging Face layout; with an optimizer also state.pt (what --resume needs)."""
-        state = None if optimizer is None else {"phase": phase, "step": step, "optimizer": optimizer.state_dict(),
-                                                "rng": rng_state()}
-        save_checkpoint(os.path.join(self.cfg.out_dir, name), self.model, self.tok, self.cfg, self.gcfg, state)
+        """out_dir/name in Hugging Face layout; with an optimizer also state.pt (what --resume needs). Rank 0
+        writes it (every rank holds the same weights and optimizer state); the others wait until it is on disk."""
+        if self.world.main:
+            state = None if optimizer is None else {"phase": phase, "step": step,
+                                                    "optimizer": optimizer.state_dict(), "rng": rng_state()}
+            save_checkpoint(os.path.join(self.cfg.out_dir, name), self.model, self.tok, self.cfg, self.gcfg, state)
+        self.world.barrier()
 
     def save_or_stop(self, phase, step, optimizer):
-        """After a step: save ckpt/ every save_every steps, or now and return True if a signal asked to stop."""
+        """After a step: save ckpt/ every save_every steps, or now and return True if a signal asked to stop. A
+        signal to any rank stops every rank after the same step (one all-reduce of the flag)."""
+        if self.world.sum([len(self.stop_requested)])[0] and not self.stop_requested:
+            self.stop_requested.append(signal.SIGTERM)  # asked on another rank: exit as if told here
         if self.stop_requested or step % self.cfg.save_every == 0:
             self.save("ckpt", phase, step, optimizer)
         if self.stop_requested:
@@ -309,16 +321,16 @@ def build_model(cfg, resume_from, device, precision):
     return Transformer(scratch_config(cfg)).to(device=device, dtype=weight_dtype)
 
 
-def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None):
+def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1):
     """Print the plan of one RL step for the card (--gpu_memory_gb, else the visible GPU, else 80 GB) and, for
-    comparison, for 24, 48 and 80 GB cards."""
+    comparison, for 24, 48 and 80 GB cards. Under torchrun, for one rank's share of the rollouts."""
     if cfg.gpu_memory_gb:
         budget = cfg.gpu_memory_gb * GiB
     elif torch.cuda.is_available():
         budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         budget = 80 * GiB
-    rows = cfg.prompts_per_step * gcfg.group_size
+    rows = cfg.prompts_per_step * gcfg.group_size // ranks
     kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit)
     print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
     rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
@@ -348,11 +360,24 @@ def dry_run(cfg, gcfg):
         template, _ = task.prompt_setup(tok, cfg.template, cfg.init == "scratch")
         prompt_len = max(len(tok.encode(task.render_prompt(p, template, tok))) for p in problems)
     precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed"  # the plan is for a GPU
-    memory_plan(cfg, gcfg, mc, prompt_len, precision, tok.n_vocab if tok else None)
+    memory_plan(cfg, gcfg, mc, prompt_len, precision, tok.n_vocab if tok else None, distributed.from_env().size)
+
+
+def check_world_size(cfg, size, state=None):
+    """ValueError unless the ranks can split every step evenly: whole groups of problems, whole demonstrations."""
+    warms_up = cfg.init == "scratch" and cfg.warmup_steps > 0 and not cfg.warmup_from and \
+        not (state and state["phase"] == "rl")
+    for name in ("prompts_per_step",) + (("warmup_batch_size",) if warms_up else ()):
+        if getattr(cfg, name) % size:
+            raise ValueError(f"--{name}={getattr(cfg, name)} does not divide among {size} ranks: each rank takes an "
+                             f"equal share of every step; pass a multiple of {size}")
 
 
 def setup(argv, stop_requested):
-    """-> (Run, the resumed state.pt or None). Bad input ends here with one line, before any work."""
+    """-> (Run, the resumed state.pt or None). Bad input ends here with one line, before any work. Under torchrun
+    every rank runs this alike (the same config, seeds and model) and joins the process group here."""
+    world = distributed.from_env()
+    distributed.only_main_prints(world)
     try:
         overrides = parse_args(argv)
         device = pick_device(overrides.get("device", "auto"))
@@ -362,22 +387,25 @@ def setup(argv, stop_requested):
         if cfg.dry_run:
             dry_run(cfg, gcfg)
             raise SystemExit(0)
+        check_world_size(cfg, world.size, state)
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         task = tasks.load(cfg.task)
         test_problems = task.test_set(cfg.eval_size, **tasks.knobs(task, cfg))
         template, _ = task.prompt_setup(tok, cfg.template, cfg.init == "scratch")  # a template it lacks stops here
         check_demonstrations_fit(cfg, gcfg, task, tok, template)
+        world, device = distributed.init(device)  # under torchrun: the process group, this rank's GPU
         threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                   else os.cpu_count())
         torch.set_num_threads(threads)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)  # before the model: a fresh model's weights follow the seed
+        torch.manual_seed(cfg.seed)  # before the model: a fresh model's weights follow the seed, alike on every rank
         on_cuda = torch.device(device).type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed" if on_cuda else "fp32"
         model = build_model(cfg, resume_from, device, precision)
-        for name in ("metrics.jsonl", "samples.jsonl"):  # last: bad input above leaves an old run's logs alone
+        # last: bad input above leaves an old run's logs alone; rank 0 alone writes them
+        for name in ("metrics.jsonl", "samples.jsonl") if world.main else ():
             path = os.path.join(cfg.out_dir, name)
             if state:  # the logs are cut back to the checkpoint's position
                 truncate_log(path, state["phase"], state["step"])
@@ -391,9 +419,12 @@ def setup(argv, stop_requested):
     model.gradient_checkpointing = cfg.gradient_checkpointing
     cfg = dataclasses.replace(cfg, device=device, precision=precision,
                               warmup_seq_len=cfg.warmup_seq_len or gcfg.max_new_tokens)
-    run = Run(cfg, gcfg, device, model, tok, test_problems, stop_requested)
+    run = Run(cfg, gcfg, device, model, tok, test_problems, stop_requested, world)
     run.cfg = cfg = dataclasses.replace(cfg, template=run.template)  # saved resolved: eval.py reads it
     print("config:", json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(gcfg)}))
+    if world.size > 1:
+        print(f"torchrun: {world.size} ranks ({'nccl' if run.on_cuda else 'gloo'}), each with the whole model; a "
+              f"step's problems, demonstrations and held-out problems are split among them, gradients summed")
     mc = model.config
     print(f"model: {count_params(mc) / 1e6:.2f}M parameters, {mc.n_layers} layers, dim {mc.dim}, on {device} "
           f"({precision}); tokenizer n_vocab {tok.n_vocab}; template {run.template}; stop ids {run.stop_ids}")
@@ -433,11 +464,12 @@ def check_demonstrations_fit(cfg, gcfg, task, tok, template):
                          f"or make the problems smaller")
 
 
-def warmup_batch(cfg, step, tok, template, task, knobs):
-    """Demonstrations for one warm-up step -> list of micro-batches (inputs [b, T], targets [b, T], loss mask
-    [b, T] True on completion tokens). One demonstration per row, right-padded: rows never share attention,
-    which a model this small needs (packed rows slowed learning to copy the prompt's numbers ~3x in our runs).
-    Rows are sorted by length and cut where the length jumps by 1.5x, so short rows don't pay for long padding."""
+def warmup_batch(cfg, step, tok, template, task, knobs, world=distributed.SINGLE):
+    """Demonstrations for one warm-up step (this rank's share of them) -> list of micro-batches (inputs [b, T],
+    targets [b, T], loss mask [b, T] True on completion tokens). One demonstration per row, right-padded: rows never
+    share attention, which a model this small needs (packed rows slowed learning to copy the prompt's numbers ~3x in
+    our runs). Rows are sorted by length and cut where the length jumps by 1.5x, so short rows don't pay for long
+    padding."""
     rng = random.Random(step_seed(cfg.seed, "warmup", step))
     stream = task.problem_stream(rng.randrange(2**32), "warmup", **knobs)  # countdown: each has a long form
     examples = []
@@ -447,6 +479,7 @@ def warmup_batch(cfg, step, tok, template, task, knobs):
         completion = tok.encode(task.sample_demonstration(problem, cfg.p_long, rng, **knobs)) + [tok.eos_id]
         if len(prompt) + len(completion) <= cfg.warmup_seq_len + 1:  # longer ones are skipped
             examples.append((prompt, completion))
+    examples = world.shard(examples)  # every rank draws the step's demonstrations alike, then keeps its slice
     examples.sort(key=lambda e: len(e[0]) + len(e[1]))
     groups = [[examples[0]]]
     for e in examples[1:]:
@@ -470,16 +503,17 @@ def warmup(run, state):
     cfg, model = run.cfg, run.model
     optimizer, start = run.adamw(cfg.warmup_lr, 0.95, state)  # nanoGPT's beta2 for pre-training
     print(f"warm-up: {cfg.warmup_steps} steps x {cfg.warmup_batch_size} demonstrations (one per row, length-"
-          f"bucketed micro-batches), p_long {cfg.p_long}, lr {cfg.warmup_lr}")
+          f"bucketed micro-batches), p_long {cfg.p_long}, lr {cfg.warmup_lr}"
+          + (f"; {cfg.warmup_batch_size // run.world.size} per rank" if run.world.size > 1 else ""))
     for step in run.steps("warm-up", start, cfg.warmup_steps):
         t0 = time.time()
-        micro_batches = warmup_batch(cfg, step, run.tok, run.template, run.task, run.knobs)
+        micro_batches = warmup_batch(cfg, step, run.tok, run.template, run.task, run.knobs, run.world)
         lr = lr_at(step, cfg.warmup_steps, cfg.warmup_lr, warmup=20)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # cross-entropy on completion tokens only (the prompt is given, not learned), averaged over all of the
-        # step's completion tokens: each micro-batch adds its sum / that count, then one optimizer step
-        num_tokens = sum(int(m.sum()) for _, _, m in micro_batches)
+        # step's completion tokens (on every rank): each micro-batch adds its sum / that count, then one step
+        num_tokens = int(run.world.sum([sum(int(m.sum()) for _, _, m in micro_batches)])[0])
         loss = torch.zeros((), device=run.device)
         for inputs, targets, mask in micro_batches:
             inputs, targets, mask = inputs.to(run.device), targets.to(run.device), mask.to(run.device)
@@ -489,18 +523,19 @@ def warmup(run, state):
             micro_loss = (losses * mask.flatten()).sum() / num_tokens
             micro_loss.backward()
             loss += micro_loss.detach()
+        run.world.sum_grads(model.parameters())  # each rank's share -> the gradient of the step's whole batch
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.gcfg.max_grad_norm or float("inf"))
-        if not run.step_is_finite(torch.isfinite(loss).item() and torch.isfinite(grad_norm).item(),
-                                  f"warm-up step {step}"):
+        loss, tokens = run.world.sum([loss.item(), sum(x.numel() for x, _, _ in micro_batches)])  # all ranks'
+        if not run.step_is_finite(math.isfinite(loss) and torch.isfinite(grad_norm).item(), f"warm-up step {step}"):
             optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient never reaches the weights
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = sum(x.numel() for x, _, _ in micro_batches) / (time.time() - t0)
-        row = {"phase": "warmup", "step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
+        tokens_per_s = tokens / (time.time() - t0)
+        row = {"phase": "warmup", "step": step, "loss": loss, "grad_norm": grad_norm.item(), "lr": lr,
                "tokens_per_s": tokens_per_s}
         show = step % 20 == 0 or step == cfg.warmup_steps - 1
-        run.log(row, f"warmup {step + 1}/{cfg.warmup_steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+        run.log(row, f"warmup {step + 1}/{cfg.warmup_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                      f"tok/s {tokens_per_s:.0f}" if show else None)
         if run.save_or_stop("warmup", step + 1, optimizer):
             return False
@@ -511,15 +546,19 @@ def warmup(run, state):
 
 
 def evaluate(run, step):
-    """Greedy decoding on the held-out problems: accuracy, mean response length, share in the long form."""
-    prompts = [run.tok.encode(run.task.render_prompt(p, run.template, run.tok)) for p in run.test_problems]
+    """Greedy decoding on the held-out problems: accuracy, mean response length, share in the long form. Under
+    torchrun each rank decodes its slice of the problems, and the metrics are computed from all of them."""
+    problems = run.world.shard(run.test_problems)
+    prompts = [run.tok.encode(run.task.render_prompt(p, run.template, run.tok)) for p in problems]
     with run.autocast:
         completions = greedy(run.model, prompts, run.gcfg.max_new_tokens, run.stop_ids, run.tok.n_vocab,
                              run.cfg.eval_batch_size)
     texts = [run.tok.decode(c) for c in completions]
-    accuracy = sum(is_correct(run.task.reward(t, p)[1]) for t, p in zip(texts, run.test_problems)) / len(texts)
-    length = sum(map(len, completions)) / len(completions)
-    long_frac = sum(map(run.task.is_long_form, texts)) / len(texts)
+    results = run.world.gather([(is_correct(run.task.reward(t, p)[1]), len(c), run.task.is_long_form(t))
+                                for t, c, p in zip(texts, completions, problems)])   # one per held-out problem
+    accuracy = sum(correct for correct, _, _ in results) / len(results)
+    length = sum(n for _, n, _ in results) / len(results)
+    long_frac = sum(long for _, _, long in results) / len(results)
     run.log({"phase": "eval", "step": step, "eval_accuracy": accuracy, "eval_response_length": length,
              "eval_long_frac": long_frac}, f"eval @ rl step {step} | held-out greedy accuracy {accuracy:.3f} | "
                                            f"length {length:.1f} | long form {long_frac:.2f}")
@@ -539,9 +578,10 @@ def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size, 
 def train_rl(run, state):
     """The GRPO loop; returns False if a signal stopped the run (ckpt/ saved), True when it finished."""
     cfg, gcfg, model, tok, G, task = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size, run.task
+    world = run.world  # torchrun's ranks; one process: SINGLE, and every world.* call below is the identity
     optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
     if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup, and ckpt/ at RL step 0
-        run.save("warmup")
+        run.save("warmup")  # on disk before any rank reads it back as the reference model (save waits for it)
         run.save("ckpt", "rl", 0, optimizer)
     ref_model = None  # a frozen copy of the RL starting point for the KL term (bf16 on CUDA: only ever read)
     if gcfg.beta > 0:
@@ -550,10 +590,11 @@ def train_rl(run, state):
                               else next(model.parameters()).dtype).eval().requires_grad_(False)
     print(f"RL: {cfg.rl_steps} steps x {cfg.prompts_per_step} prompts x {G} samples = {cfg.prompts_per_step * G} "
           f"rollouts per step in micro-batches of {gcfg.micro_batch_size}; max_new_tokens {gcfg.max_new_tokens}; "
-          f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps")
+          f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps"
+          + (f"; {cfg.prompts_per_step // world.size} prompts per rank" if world.size > 1 else ""))
     if run.on_cuda or cfg.init == "qwen":
         prompt_len = max(len(tok.encode(task.render_prompt(p, run.template, tok))) for p in run.test_problems)
-        memory_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit)
+        memory_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit, world.size)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
         if step in cfg.keep_steps:  # the policy before this step's update, for pass@k over RL length
             run.save(f"step_{step}")
@@ -564,31 +605,38 @@ def train_rl(run, state):
             run.save("ckpt", "rl", step, optimizer)
             break
         t0 = time.time()
-        # ---- 1. problems: fresh ones each step, a function of (seed, step), so a resumed run sees the same
+        # ---- 1. problems: fresh ones each step, a function of (seed, step), so a resumed run sees the same;
+        # under torchrun each rank takes its slice of whole problems (a group never spans ranks)
         seed = step_seed(cfg.seed, "rl", step)
         stream = task.problem_stream(seed % 2**32, "rl", **run.knobs)
-        problems = [next(stream) for _ in range(cfg.prompts_per_step)]
+        problems = world.shard([next(stream) for _ in range(cfg.prompts_per_step)])
         prompts = [tok.encode(task.render_prompt(p, run.template, tok)) for p in problems]
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
         with run.autocast:
             completions = generate(model, prompts, gcfg.max_new_tokens, temperature=gcfg.temperature,
-                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed, num_samples=G)
+                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed + world.rank, num_samples=G)
         # ---- 3. rewards: the task's score of every response
         texts = [tok.decode(c) for c in completions]
         row_problems = grpo.per_row(problems, G)
         rewards, reasons = zip(*[task.reward(t, p) for t, p in zip(texts, row_problems)])
-        rewards = torch.tensor(rewards, dtype=torch.float32)                                    # [N]
-        # ---- 4. advantages: each reward against its own group's mean (and std)
-        advantages = grpo.group_advantages(rewards, G, gcfg.scale_rewards, gcfg.adv_eps)        # [N]
+        rewards = torch.tensor(rewards, dtype=torch.float32)                    # [N / ranks] this rank's rows
+        # ---- 4. advantages: each reward against its own group's mean (and std), from every rank's rewards (so
+        # that scale_rewards=batch divides by the whole batch's std); this rank keeps its own rows' advantages
+        all_rewards = torch.tensor(world.gather(rewards.tolist()), dtype=torch.float32)         # [N] the batch
+        advantages = world.shard(grpo.group_advantages(all_rewards, G, gcfg.scale_rewards, gcfg.adv_eps))
         # ---- 5. the loss, its backward and the optimizer step (num_iterations of them) on micro-batches
         lr = lr_at(step, 0, cfg.lr, cfg.lr_warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # normalisers over all ranks' rows, gradients summed over ranks: the step of one process on the whole batch
         batch = grpo.micro_batches(grpo.per_row(prompts, G), completions, rewards, advantages, gcfg,
-                                   tok.pad_id, run.stop_ids, run.device)
-        update = grpo.update(model, optimizer, batch, gcfg, ref_model, autocast=run.autocast)
+                                   tok.pad_id, run.stop_ids, run.device, world)
+        update = grpo.update(model, optimizer, batch, gcfg, ref_model, autocast=run.autocast, world=world)
         run.step_is_finite(math.isfinite(update["loss"]) and math.isfinite(update["grad_norm"]), f"rl step {step}")
-        # ---- 6. log, and keep a few rollouts for eval.py --analyze
+        # ---- 6. log, and keep a few rollouts for eval.py --analyze: every rank's rows, in one process's order
+        rows = world.gather(zip(reasons, texts, completions, row_problems))
+        reasons, texts, completions, row_problems = (list(column) for column in zip(*rows))
+        rewards = all_rewards                                                   # [N] the batch
         dt = time.time() - t0
         metrics = {**rollout_metrics(rewards, reasons, texts, completions, run.stop_ids, G, task.is_long_form),
                    **update}
@@ -641,6 +689,7 @@ def main(argv=None):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        distributed.close()
 
 
 if __name__ == "__main__":
