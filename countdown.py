@@ -317,14 +317,14 @@ def _check_knobs(n_nums, num_range, target_range, split):
         raise ValueError(f"num_range must be (low, high) with 0 <= low <= high, got {num_range!r}")
     if len(target_range) != 2 or not target_range[0] <= target_range[1]:
         raise ValueError(f"target_range must be (low, high) with low <= high, got {target_range!r}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     return n_nums
 
 
 @lru_cache(maxsize=1 << 18)  # shared by every stream: train.py opens a new one per step on a small space
 def _in_split_and_solvable(sorted_nums, target, split, integer_steps):
-    in_split = (problem_bucket(sorted_nums, target) < TEST_BUCKETS) == (split == "test")
+    in_split = split == "all" or (problem_bucket(sorted_nums, target) < TEST_BUCKETS) == (split == "test")
     return in_split and solve(sorted_nums, target, integer_steps) is not None
 
 
@@ -335,7 +335,7 @@ def train_stream(seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), 
     Rejection sampling: draw the count of numbers, the numbers and the target uniformly from the knobs
     (all ranges inclusive); keep the draw only if it lies in the split's hash buckets and solve() finds a
     solution (with integer_steps=True: a solution with non-negative integer intermediate values, the
-    space the long demonstrations search). split="test" gives the held-out stream instead.
+    space the long demonstrations search). split="test" gives the held-out stream instead, "all" both.
     """
     n_nums = _check_knobs(n_nums, num_range, target_range, split)
     rng = random.Random(seed)
@@ -362,19 +362,23 @@ def generate_problems(n, seed, n_nums=(3, 4), num_range=(1, 99), target_range=(1
 
 
 def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(1, 100), integer_steps=False,
-             max_solutions=0):
+             max_solutions=0, every_bucket=False):
     """The fixed held-out set: n distinct problems (distinct as multisets + target) from the test buckets,
     which the training stream never produces. max_solutions > 0 keeps only the problems that at most that
-    many expressions solve (count_solutions), in the same order: the hard part of the same set."""
-    low, high = _check_knobs(n_nums, num_range, target_range, "test")
+    many expressions solve (count_solutions), in the same order: the hard part of the same set.
+    every_bucket=True draws from every bucket: for knobs no training run used (e.g. targets past its range),
+    where every problem is unseen and the held-out 5% alone would be a small set."""
+    split = "all" if every_bucket else "test"
+    share = 1 if every_bucket else TEST_BUCKETS / N_BUCKETS
+    low, high = _check_knobs(n_nums, num_range, target_range, split)
     # distinct problems: multisets of k of the R numbers, C(R + k - 1, k), times the targets; ~5% are test ones
     R, n_targets = num_range[1] - num_range[0] + 1, target_range[1] - target_range[0] + 1
     space = sum(math.comb(R + k - 1, k) for k in range(low, high + 1)) * n_targets
-    if n > space * TEST_BUCKETS / N_BUCKETS * 1.1 + 100:
-        raise ValueError(f"{n} held-out problems asked, but at this difficulty only ~{space * TEST_BUCKETS // N_BUCKETS}"
-                         f" exist ({TEST_BUCKETS}/{N_BUCKETS} of {space} problems, solvable or not): ask for fewer "
-                         f"(--eval_size) or widen the ranges")
-    stream = train_stream(seed, n_nums, num_range, target_range, "test", integer_steps)
+    if n > space * share * 1.1 + 100:
+        raise ValueError(f"{n} held-out problems asked, but at this difficulty only ~{int(space * share)} exist "
+                         f"({share:g} of {space} problems, solvable or not): ask for fewer (--eval_size) or widen the "
+                         f"ranges")
+    stream = train_stream(seed, n_nums, num_range, target_range, split, integer_steps)
     seen, problems, repeats = set(), [], 0
     while repeats < max(1000, 2 * n):  # this many repeats in a row: the held-out space is used up
         problem = next(stream)
@@ -390,9 +394,9 @@ def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(
         if len(problems) == n:
             return problems
     which = f" with at most {max_solutions} solutions" if max_solutions else ""
-    raise ValueError(f"could not find {n} distinct test problems at this difficulty (only {len(problems)}{which}); "
-                     f"the held-out space is too small (it is {TEST_BUCKETS}/{N_BUCKETS} of all problems): widen the ranges or ask "
-                     f"for fewer")
+    space = "" if every_bucket else f"; the held-out space is {TEST_BUCKETS}/{N_BUCKETS} of all problems"
+    raise ValueError(f"could not find {n} distinct test problems at this difficulty (only {len(problems)}{which}"
+                     f"{space}): widen the ranges or ask for fewer")
 
 
 # -----------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class EvalConfig:
     seed: int = opt(0, "sampling seed (the same per problem for every compared model)")
     template: str = opt("", 'base | chat | compact | auto; "" = run_config.json\'s; auto = train.py\'s rule')
     problems_file: str = opt("", "Countdown problems as JSONL (countdown.save_problems) instead of test_set")
+    target_range: tuple = opt((), "Countdown: the targets of the problems instead of the run's range; past it (e.g. "
+                                  "101,200 after 1,100) every problem is unseen, so every one is drawn, not only the "
+                                  "held-out 5%")
     max_solutions: int = opt(0, "Countdown: only held-out problems that at most this many of the expressions over "
                                 "their numbers solve (countdown.count_solutions: hard to hit by guessing); 0 = all")
     task: str = opt("", 'train.py task of --benchmark=countdown: "" = run_config.json\'s task (countdown if none) | '
@@ -106,6 +109,8 @@ def parse_args(argv):
          and (not cfg.suite or cfg.suite_files)),
         ("batch_size >= 1", cfg.batch_size >= 1), ("n_problems >= 0", cfg.n_problems >= 0),
         ("max_solutions >= 0", cfg.max_solutions >= 0),
+        ("target_range LOW,HIGH (integers)", len(cfg.target_range) in (0, 2)
+         and all(str(x).lstrip("-").isdigit() for x in cfg.target_range)),
         ("temperature >= 0", cfg.temperature >= 0), ("0 < top_p <= 1", 0 < cfg.top_p <= 1),
         ("max_new_tokens >= 0", cfg.max_new_tokens >= 0), ("math_format gsm8k|math|auto",
                                                            cfg.math_format in ("gsm8k", "math", "auto")),
@@ -115,7 +120,7 @@ def parse_args(argv):
          cfg.benchmark in ("countdown", *benchmarks.BENCHMARK_NAMES)), ("shots >= 0", cfg.shots >= 0)] if not ok]
     if wrong:
         raise SystemExit("invalid options, need: " + "; ".join(wrong))
-    return cfg
+    return replace(cfg, target_range=tuple(int(x) for x in cfg.target_range))
 
 # -----------------------------------------------------------------------------
 # pass@k
@@ -628,10 +633,16 @@ def run(cfg, world=distributed.SINGLE):
             raise SystemExit(f"no problems in {cfg.problems_file}")
     else:  # held-out set; TinyZero's difficulty (3-4 numbers in 1..99) when the run_config does not say
         n = cfg.n_problems or run_config.get("eval_size", 1000)
-        if cfg.max_solutions and plug is not countdown:
-            raise ValueError(f"--max_solutions counts Countdown expressions; this is a {plug.__name__} model")
-        hard = {"max_solutions": cfg.max_solutions} if cfg.max_solutions else {}
-        items = plug.test_set(n, **tasks.knobs(plug, run_config), **hard)
+        if (cfg.max_solutions or cfg.target_range) and plug is not countdown:
+            raise ValueError(f"--max_solutions and --target_range are Countdown's; this is a {plug.__name__} model")
+        knobs, harder = tasks.knobs(plug, run_config), {}
+        if cfg.max_solutions:
+            harder["max_solutions"] = cfg.max_solutions
+        if cfg.target_range:  # targets the run never trained on: every problem is unseen, not only held-out ones
+            trained = knobs.get("target_range", (1, 100))
+            harder["every_bucket"] = cfg.target_range[0] > trained[1] or cfg.target_range[1] < trained[0]
+            knobs["target_range"] = tuple(cfg.target_range)
+        items = plug.test_set(n, **knobs, **harder)
     max_new_tokens = cfg.max_new_tokens or run_config.get("max_new_tokens", 1024)
     labels = short_labels(paths)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -427,3 +427,14 @@ def test_the_hard_held_out_set_is_the_hard_part_of_the_same_set_in_order():
     assert hard == [p for p in every if countdown.count_solutions(p.nums, p.target) <= 4][:60]
     with pytest.raises(ValueError, match="only 127 with at most 4 solutions"):
         countdown.test_set(200, **knobs, max_solutions=4)  # 127 of the 224 held-out problems at this difficulty
+
+
+def test_every_bucket_draws_past_the_held_out_share_for_unseen_knobs():
+    knobs = dict(n_nums=(3, 3), num_range=(1, 12), target_range=(101, 200))  # targets no default run trains on
+    every = countdown.test_set(400, **knobs, every_bucket=True)
+    assert len({(tuple(sorted(p.nums)), p.target) for p in every}) == 400
+    assert all(101 <= p.target <= 200 and countdown.solve(p.nums, p.target) for p in every)
+    held_out = [p for p in every if countdown.problem_bucket(p.nums, p.target) < countdown.TEST_BUCKETS]
+    assert 0 < len(held_out) < 40  # ~5% of them; the held-out split alone has only 28 such problems
+    with pytest.raises(ValueError, match="only 28;"):
+        countdown.test_set(40, **knobs)

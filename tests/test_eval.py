@@ -224,6 +224,13 @@ def test_default_countdown_set_and_math_end_to_end(tmp_path, one_thread):
         hard = {tuple(json.loads(line)["problem"]["nums"]) + (json.loads(line)["problem"]["target"],) for line in f}
     assert results["n_problems"] == len(hard) == 3  # by brute force, each solved by at most 2 of 192 expressions
     assert all(sum(_equals(e, t) for e in _expressions(nums)) <= 2 for *nums, t in hard)
+    results = ev.main([f"--run_dir={tmp_path / 'run'}", "--n_problems=40", "--n_samples=1", "--target_range=21,30",
+                       f"--out_dir={out}"])  # past the run's 1-20: every problem is unseen, so all buckets count
+    with open(out / "generations.jsonl") as f:
+        targets = [json.loads(line)["problem"]["target"] for line in f]
+    assert results["n_problems"] == 40 and all(21 <= t <= 30 for t in targets)
+    with pytest.raises(SystemExit, match="target_range LOW,HIGH"):
+        ev.main([f"--run_dir={tmp_path / 'run'}", "--target_range=a,b"])
     gsm = write(tmp_path / "gsm.jsonl", [json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"})
                                          for i in range(3)])
     results = ev.main([f"--ckpt={tmp_path / 'run'}", f"--math_file={gsm}", "--n_samples=2", f"--out_dir={out}"])
