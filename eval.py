@@ -94,6 +94,7 @@ class EvalConfig:
     device: str = opt("auto", "auto = cuda, then mps, then cpu")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default (1 is faster on a busy machine)")
     dtype: str = opt("auto", "float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)")
+    decode: str = opt("eager", "pass@k sampling's decode loop (model.generate): eager | static | compiled")
 
 
 def parse_args(argv):
@@ -116,6 +117,7 @@ def parse_args(argv):
                                                            cfg.math_format in ("gsm8k", "math", "auto")),
         ("template base|chat|compact|auto", cfg.template in ("", "auto", "base", "chat", "compact")),
         ("dtype float32|bfloat16|float16|auto", cfg.dtype in ("auto", "float32", "bfloat16", "float16")),
+        ("decode eager|static|compiled", cfg.decode in ("eager", "static", "compiled")),
         ("benchmark countdown|" + "|".join(benchmarks.BENCHMARK_NAMES),
          cfg.benchmark in ("countdown", *benchmarks.BENCHMARK_NAMES)), ("shots >= 0", cfg.shots >= 0)] if not ok]
     if wrong:
@@ -217,7 +219,7 @@ def sample_all(model, prompt_ids, n, temperature, cfg, max_new_tokens, stop_ids,
                 samples = min(chunk, n - start)
                 out = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=cfg.top_p,
                                stop_ids=stop_ids, seed=cfg.seed * 1_000_003 + first * 4099 + start,
-                               num_samples=samples, vocab_limit=vocab_limit)
+                               num_samples=samples, vocab_limit=vocab_limit, decode=cfg.decode)
                 for j in range(len(prompts)):
                     rows[j].extend(out[j * samples:(j + 1) * samples])
                 bar.update(len(out))

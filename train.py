@@ -85,6 +85,8 @@ class Config:
                                "(its out_dir/warmup; same task and knobs)")
     template: str = opt("auto", "auto (compact for scratch, chat/base from the tokenizer) | compact | base | chat")
     gradient_checkpointing: bool = opt(False, "recompute each block in backward (memory for compute)")
+    decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
+                               "CUDA graphs on CUDA; slower on CPU, README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
     task: str = opt("countdown", "countdown | parity | a fork's task module NAME.py (its RUN_DEFAULTS apply)")
     n_nums: tuple = opt((3, 3), "countdown: how many numbers per problem, (min, max)")
@@ -150,7 +152,8 @@ def resolve_config(overrides, device, saved=None):
     cfg = Config(**{k: v for k, v in values.items() if k in names})
     gcfg = grpo.GRPOConfig(**{k: v for k, v in values.items() if k not in names})
     for name, allowed in [("init", ("scratch", "qwen")), ("template", ("auto", "compact", "base", "chat")),
-                          ("precision", ("auto", "fp32", "bf16-mixed", "bf16")), ("preset", tuple(PRESETS))]:
+                          ("precision", ("auto", "fp32", "bf16-mixed", "bf16")), ("preset", tuple(PRESETS)),
+                          ("decode", ("eager", "static", "compiled"))]:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}={getattr(cfg, name)}: choose {', '.join(allowed)}")
     if not all(str(s).isdigit() for s in cfg.keep_steps):
@@ -614,7 +617,8 @@ def train_rl(run, state):
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
         with run.autocast:
             completions = generate(model, prompts, gcfg.max_new_tokens, temperature=gcfg.temperature,
-                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed + world.rank, num_samples=G)
+                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed + world.rank, num_samples=G,
+                                   decode=cfg.decode)
         # ---- 3. rewards: the task's score of every response
         texts = [tok.decode(c) for c in completions]
         row_problems = grpo.per_row(problems, G)

@@ -302,3 +302,18 @@ def test_warmup_from_starts_rl_where_the_earlier_run_did(tmp_path):
         train.main(TINY + [f"--out_dir={tmp_path / 'third'}", f"--warmup_from={first}/warmup", "--num_range=1,12"])
     with pytest.raises(SystemExit, match="expected the warmup/ directory of an earlier train.py run"):
         train.main(TINY + [f"--out_dir={tmp_path / 'third'}", f"--warmup_from={tmp_path}"])
+
+
+def test_the_static_decode_loop_gives_the_same_run(tmp_path):
+    """--decode=static reaches model.generate: the same rollouts, so the same metrics, as the eager loop."""
+    rl = ["--warmup_steps=10", "--rl_steps=2", "--prompts_per_step=2", "--group_size=4", "--eval_every=100",
+          "--save_every=100"]
+    rows = []
+    for decode in ("eager", "static"):
+        out = str(tmp_path / decode)
+        train.main(TINY + [f"--out_dir={out}", f"--decode={decode}"] + rl)
+        rows.append([{k: v for k, v in r.items() if k not in ("time", "step_time", "tokens_per_s")}
+                     for r in read_metrics(out) if r["phase"] == "rl"])
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+    with pytest.raises(SystemExit, match="--decode=fast: choose eager, static, compiled"):
+        train.main(TINY + [f"--out_dir={tmp_path / 'bad'}", "--decode=fast"])
