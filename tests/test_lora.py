@@ -103,3 +103,13 @@ def test_adapters_round_trip_and_a_mismatch_is_refused():
         load_lora(rank2, lora_state_dict(lora))
     with pytest.raises(ValueError, match="rank must be >= 1"):
         add_lora(Transformer(CONFIG), 0, 1.0)
+
+
+def test_the_merged_checkpoint_loads_in_transformers_with_the_lora_models_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _, lora = plain_and_lora()
+    randomise_b(lora)
+    save_hf(lora, str(tmp_path))
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs(TOKENS).logits, lora(TOKENS), atol=1e-5)
