@@ -114,8 +114,9 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         gradients=trainable * trainable_bytes,
         saved_activations=saved,
         block_working=3 * block // 2 + scores,
-        # the chunked log-softmax: a chunk's backward holds 6 [chunk, V] float32 buffers (logits, shifted, exp, probabilities, product,
-        # scattered gradient; measured, LoRA) until the head's gradient is formed, then 3 of them with it
+        # the chunked log-softmax: a chunk's backward holds 6 [chunk, V] float32 buffers (logits, shifted, exp,
+        # probabilities, product, scattered gradient; measured, LoRA) until the head's gradient is formed, then
+        # 3 of them with it (full fine-tuning)
         logprob_head=max(6 * chunk * V * 4, 3 * chunk * V * 4 + head), head_cast=head_cast)
 
 
@@ -131,8 +132,8 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
     plan = plan_rl_step(mc, gcfg, rollout_rows, prompt_len, gcfg.micro_batch_size, **kw)
     lora = f" (LoRA rank {kw['lora_rank']}: {count_lora_params(mc, kw['lora_rank']) / 1e6:.1f}M trainable)" \
         if kw.get("lora_rank") else " (full fine-tuning)"
-    print(f"memory plan: {count_params(mc) / 1e9:.2f}B params{lora}, {kw.get('precision', 'bf16-mixed')}, {rollout_rows} "
-          f"rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
+    print(f"memory plan: {count_params(mc) / 1e9:.2f}B params{lora}, {kw.get('precision', 'bf16-mixed')}, "
+          f"{rollout_rows} rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
           f"{gcfg.micro_batch_size}, for a {budget / GiB:.0f} GiB card:")
     for name, value in vars(plan).items():
         print(f"  {name:<18}{value / GiB:8.2f} GiB")
