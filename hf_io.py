@@ -7,7 +7,7 @@ import struct
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, merged_state_dict
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -200,13 +200,14 @@ def load_qwen(path, device="cpu", dtype=None):
 
 
 def save_hf(model, directory, max_shard_bytes=5 * 10**9):
-    """Write config.json + model.safetensors, or shards model-0000i-of-0000N.safetensors plus
+    """Write config.json + model.safetensors (LoRA adapters merged), or shards model-0000i-of-0000N.safetensors plus
     model.safetensors.index.json when the weights exceed max_shard_bytes. Loads in transformers as-is."""
     os.makedirs(directory, exist_ok=True)
     dtype = model.embed_tokens.weight.dtype
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump({**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
-    tensors = {entry_name(name): t for name, t in model.state_dict().items()
+    # a LoRA model's adapters are merged into their weights (W + alpha/r B A): a plain Qwen2 directory either way
+    tensors = {entry_name(name): t for name, t in merged_state_dict(model).items()
                if not (name == "lm_head.weight" and model.config.tie_embeddings)}  # tied: HF re-ties on load
     shards, size = [{}], 0  # greedy fill in module order
     for name, t in tensors.items():

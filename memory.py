@@ -17,10 +17,20 @@ GiB = 2**30
 
 def count_params(mc):
     """Parameters of a model config, from its shapes (no model needed)."""
-    kv = mc.n_kv_heads * mc.head_dim
-    per_layer = mc.dim * (mc.dim + 2 * kv) + (mc.dim + 2 * kv) + mc.dim * mc.dim + 3 * mc.dim * mc.ffn_dim + 2 * mc.dim
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
-    return embeddings + mc.n_layers * per_layer + mc.dim
+    return embeddings + mc.n_layers * (adapted_params(mc) // mc.n_layers + 2 * mc.dim) + mc.dim
+
+
+def adapted_params(mc):
+    """The weights and biases of every block's q/k/v/o/gate/up/down Linear: what LoRA freezes and adapts."""
+    kv = mc.n_kv_heads * mc.head_dim
+    return mc.n_layers * (mc.dim * (mc.dim + 2 * kv) + (mc.dim + 2 * kv) + mc.dim * mc.dim + 3 * mc.dim * mc.ffn_dim)
+
+
+def count_lora_params(mc, rank):
+    """LoRA's A (r, in) and B (out, r) for each of those Linears: r * (in + out) each."""
+    C, kv, F = mc.dim, mc.n_kv_heads * mc.head_dim, mc.ffn_dim
+    return mc.n_layers * rank * ((C + C) + 2 * (C + kv) + (C + C) + 2 * (C + F) + (F + C))
 
 
 @dataclass
@@ -38,6 +48,8 @@ class Plan:
     saved_activations: int  # one micro-batch's: each block's input when checkpointing, else all of them
     block_working: int      # one block's forward or recompute and backward, with attention scores if written
     logprob_head: int       # the chunked log-softmax's [chunk, V] buffers and the [V, C] head gradient
+    head_cast: int = 0      # LoRA under bf16 autocast: the frozen lm_head's bf16 copy, made anew at every decode
+    #                         step and every micro-batch (autocast caches copies of trainable weights only)
 
     @property
     def static(self):
@@ -45,19 +57,22 @@ class Plan:
 
     @property
     def rollout_peak(self):
-        return self.static + self.cast_weights + self.kv_cache + self.sampling
+        return self.static + self.cast_weights + self.kv_cache + max(self.sampling, self.head_cast)
 
     @property
     def update_peak(self):  # backward meets the head first, then one block at a time: the larger of the two
-        return self.static + self.cast_weights + self.gradients + self.saved_activations \
+        return self.static + self.cast_weights + self.head_cast + self.gradients + self.saved_activations \
             + max(self.block_working, self.logprob_head)
 
 
 def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf16-mixed", device_type="cuda",
-                 checkpointing=True, vocab_limit=None):
+                 checkpointing=True, vocab_limit=None, lora_rank=0):
     """The Plan of one RL step: rollout_rows = prompts_per_step * group_size rows of <= prompt_len +
     max_new_tokens tokens; weights in float32 (bf16 for precision "bf16"); the reference in bf16 on CUDA;
-    vocab_limit < vocab_size (Qwen's padding rows) adds the head gradient's full-size copy."""
+    vocab_limit < vocab_size (Qwen's padding rows) adds the head gradient's full-size copy.
+    lora_rank > 0 (train.py's LoRA): gradients and AdamW state for the float32 adapters only; the adapted Linears'
+    frozen weights in bf16 under bf16 autocast (no cast copies of them); the reference is the same frozen base (no
+    copy); no embedding or head gradient. Activations flow through the whole network as before."""
     P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
     H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
     T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
@@ -75,21 +90,34 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
     # model.grouped_query_attention folds the heads so that the memory-efficient kernel takes it instead, but
     # until bench.py --gpu has confirmed that on a GPU the scores stay counted. CPU's flash kernel takes masks.
     scores = B * H * T * T * a * 2 if device_type == "cuda" else 0
+    chunk = min(gcfg.logprob_chunk, B * gcfg.max_new_tokens)
+    # the head's gradient in the matmul's dtype, its float32 cast, the full-size [V, C] copy a slice's backward
+    # writes when vocab_limit < V, and the embedding's dense [V, C] gradient, added to the one accumulated so far
+    head = V * C * (a + (4 if a == 2 else 0) + (4 if (vocab_limit or V) < V else 0) + 4)
+    if lora_rank:
+        R, frozen = count_lora_params(mc, lora_rank), adapted_params(mc)
+        weights = (P - frozen) * w + frozen * (2 if precision != "fp32" else 4) + R * 4   # adapters in float32
+        trainable, trainable_bytes, reference = R, 4, 0
+        cast = R * 2 if precision == "bf16-mixed" else 0  # the adapters' (the frozen Linears are bf16 already)
+        head_cast = V * C * 2 if precision == "bf16-mixed" else 0
+        head = 0  # embedding and lm_head are frozen: no [V, C] gradients
+    else:
+        weights, trainable, trainable_bytes, head_cast = P * w, P, w, 0
+        reference = P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0
     return Plan(
-        weights=P * w,
-        optimizer=2 * P * w,                                 # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
-        reference=P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0,
+        weights=weights,
+        optimizer=2 * trainable * trainable_bytes,           # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
+        reference=reference,
         cast_weights=cast,
         kv_cache=2 * L * kv * T * kv_rows * a,               # K and V, every layer, kv head and position
         sampling=rollout_rows * V * (4 * 4 + (20 if top_p else 0)),
-        gradients=P * w,
+        gradients=trainable * trainable_bytes,
         saved_activations=saved,
         block_working=3 * block // 2 + scores,
-        # [chunk, V] logits, exp and gradient in float32; the head's gradient in the matmul's dtype, its float32
-        # cast, the full-size [V, C] copy a slice's backward writes when vocab_limit < V, and the embedding's
-        # dense [V, C] gradient, added to the one accumulated so far
-        logprob_head=3 * min(gcfg.logprob_chunk, B * gcfg.max_new_tokens) * V * 4 + V * C * (a + (4 if a == 2 else 0)
-                                                                 + (4 if (vocab_limit or V) < V else 0) + 4))
+        # the chunked log-softmax: a chunk's backward holds 6 [chunk, V] float32 buffers (logits, shifted, exp,
+        # probabilities, product, scattered gradient; measured, LoRA) until the head's gradient is formed, then
+        # 3 of them with it (full fine-tuning)
+        logprob_head=max(6 * chunk * V * 4, 3 * chunk * V * 4 + head), head_cast=head_cast)
 
 
 def fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
@@ -102,14 +130,16 @@ def fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
 def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
     """Print the plan's terms and peaks for a card of `budget` bytes, and what to change when it does not fit."""
     plan = plan_rl_step(mc, gcfg, rollout_rows, prompt_len, gcfg.micro_batch_size, **kw)
-    print(f"memory plan: {count_params(mc) / 1e9:.2f}B params, {kw.get('precision', 'bf16-mixed')}, {rollout_rows} "
-          f"rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
+    lora = f" (LoRA rank {kw['lora_rank']}: {count_lora_params(mc, kw['lora_rank']) / 1e6:.1f}M trainable)" \
+        if kw.get("lora_rank") else " (full fine-tuning)"
+    print(f"memory plan: {count_params(mc) / 1e9:.2f}B params{lora}, {kw.get('precision', 'bf16-mixed')}, "
+          f"{rollout_rows} rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
           f"{gcfg.micro_batch_size}, for a {budget / GiB:.0f} GiB card:")
     for name, value in vars(plan).items():
         print(f"  {name:<18}{value / GiB:8.2f} GiB")
     print(f"  peak during rollouts {plan.rollout_peak / GiB:.1f} GiB, during the update {plan.update_peak / GiB:.1f} "
           f"GiB; 90% of the card is {0.9 * budget / GiB:.1f} GiB")
-    fixed = plan.static + plan.cast_weights + plan.gradients + plan.logprob_head
+    fixed = plan.static + plan.cast_weights + plan.head_cast + plan.gradients + plan.logprob_head
     best = fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw)
     if fixed > 0.9 * budget:
         print(f"  does NOT fit whatever the batch: weights, gradients and AdamW state alone take {fixed / GiB:.1f} "

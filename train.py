@@ -55,7 +55,7 @@ from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
 from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_plan
-from model import PRESETS, ModelConfig, Transformer, generate
+from model import PRESETS, ModelConfig, Transformer, add_lora, generate, load_lora, lora_state_dict, without_adapters
 from rewards import is_correct
 from tokenizer import byte_tokenizer, load_tokenizer
 
@@ -85,6 +85,9 @@ class Config:
                                "(its out_dir/warmup; same task and knobs)")
     template: str = opt("auto", "auto (compact for scratch, chat/base from the tokenizer) | compact | base | chat")
     gradient_checkpointing: bool = opt(False, "recompute each block in backward (memory for compute)")
+    lora_rank: int = opt(0, "RL with LoRA adapters of this rank on every block's q/k/v/o/gate/up/down, all else "
+                            "frozen (0 = full fine-tuning; a scratch warm-up stays full); saves merged weights")
+    lora_alpha: float = opt(0.0, "LoRA's alpha: the adapters' output is scaled by alpha / rank; 0 = 2 * lora_rank")
     decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
                                "CUDA graphs on CUDA; slower on CPU, README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
@@ -156,6 +159,9 @@ def resolve_config(overrides, device, saved=None):
                           ("decode", ("eager", "static", "compiled"))]:
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name}={getattr(cfg, name)}: choose {', '.join(allowed)}")
+    if cfg.lora_rank < 0 or cfg.lora_alpha < 0:
+        raise ValueError(f"--lora_rank={cfg.lora_rank} --lora_alpha={cfg.lora_alpha}: expected a rank >= 0 (0 = "
+                         f"full fine-tuning) and an alpha >= 0 (0 = 2 * rank)")
     if not all(str(s).isdigit() for s in cfg.keep_steps):
         raise ValueError(f"--keep_steps={show(cfg.keep_steps)}: expected RL step numbers like 0,30,100")
     cfg.keep_steps = tuple(int(s) for s in cfg.keep_steps)
@@ -275,6 +281,8 @@ class Run:
         if self.world.main:
             state = None if optimizer is None else {"phase": phase, "step": step,
                                                     "optimizer": optimizer.state_dict(), "rng": rng_state()}
+            if state is not None and phase == "rl" and self.cfg.lora_rank:  # the weights saved are merged: keep
+                state["lora"] = lora_state_dict(self.model)                  # the adapters apart for --resume
             save_checkpoint(os.path.join(self.cfg.out_dir, name), self.model, self.tok, self.cfg, self.gcfg, state)
         self.world.barrier()
 
@@ -292,7 +300,8 @@ class Run:
     def adamw(self, lr, beta2, state=None):
         """A phase's AdamW (decoupled weight decay, Loshchilov & Hutter 2019; fused kernels on CUDA) and the step
         it starts from: 0, or a resumed checkpoint's step, with its optimizer and RNG state restored."""
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, beta2),
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+        optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, beta2),
                                       weight_decay=self.cfg.weight_decay, fused=self.on_cuda)
         if state is None:
             return optimizer, 0
@@ -314,11 +323,15 @@ def scratch_config(cfg):
     return mc
 
 
-def build_model(cfg, resume_from, device, precision):
-    """The checkpoint to resume, the Qwen directory, or a fresh scratch_config(cfg)."""
+def build_model(cfg, resume_from, device, precision, state=None):
+    """The checkpoint to resume, the Qwen directory, or a fresh scratch_config(cfg). A LoRA run resumed in RL
+    starts from its frozen base instead (the RL starting point: model_dir, or out_dir/warmup from scratch), since
+    its checkpoints hold merged weights; train_rl puts the saved adapters back on it."""
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if precision == "bf16" and cfg.lr < 1e-4:
+    if precision == "bf16" and cfg.lr < 1e-4 and not cfg.lora_rank:
         print(f"WARNING: pure bf16 weights lose updates of lr={cfg.lr} (bf16 keeps ~3 digits); use bf16-mixed")
+    if resume_from and cfg.lora_rank and state["phase"] == "rl":
+        resume_from = cfg.model_dir if cfg.init == "qwen" else os.path.join(cfg.out_dir, "warmup")
     if cfg.init == "qwen" or resume_from or cfg.warmup_from:
         return load_qwen(resume_from or cfg.warmup_from or cfg.model_dir, device=device, dtype=weight_dtype)
     return Transformer(scratch_config(cfg)).to(device=device, dtype=weight_dtype)
@@ -334,7 +347,8 @@ def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1)
     else:
         budget = 80 * GiB
     rows = cfg.prompts_per_step * gcfg.group_size // ranks
-    kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit)
+    kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit,
+              lora_rank=cfg.lora_rank)
     print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
     rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
     for card in (24, 48, 80):
@@ -391,6 +405,9 @@ def setup(argv, stop_requested):
             dry_run(cfg, gcfg)
             raise SystemExit(0)
         check_world_size(cfg, world.size, state)
+        if state and state["phase"] == "rl" and bool(cfg.lora_rank) != ("lora" in state):
+            raise ValueError(f"--resume: {resume_from} was saved " + ("with" if "lora" in state else "without")
+                             + " LoRA adapters; resume it with the --lora_rank it was run with")
         device = pick_device(cfg.device)  # a resumed run keeps the device it was saved with
         tok = load_tokenizer(cfg.model_dir) if cfg.init == "qwen" else byte_tokenizer()
         task = tasks.load(cfg.task)
@@ -406,7 +423,11 @@ def setup(argv, stop_requested):
         torch.manual_seed(cfg.seed)  # before the model: a fresh model's weights follow the seed, alike on every rank
         on_cuda = torch.device(device).type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed" if on_cuda else "fp32"
-        model = build_model(cfg, resume_from, device, precision)
+        model = build_model(cfg, resume_from, device, precision, state)
+        mc = model.config
+        if cfg.lora_rank > min(mc.dim, mc.n_kv_heads * mc.head_dim):
+            raise ValueError(f"--lora_rank={cfg.lora_rank} is more than the narrowest adapted layer "
+                             f"({min(mc.dim, mc.n_kv_heads * mc.head_dim)} wide): a smaller rank, or 0 (full)")
         # last: bad input above leaves an old run's logs alone; rank 0 alone writes them
         for name in ("metrics.jsonl", "samples.jsonl") if world.main else ():
             path = os.path.join(cfg.out_dir, name)
@@ -582,12 +603,24 @@ def train_rl(run, state):
     """The GRPO loop; returns False if a signal stopped the run (ckpt/ saved), True when it finished."""
     cfg, gcfg, model, tok, G, task = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size, run.task
     world = run.world  # torchrun's ranks; one process: SINGLE, and every world.* call below is the identity
-    optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
-    if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup, and ckpt/ at RL step 0
+    if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup (and below ckpt/ at RL step 0)
         run.save("warmup")  # on disk before any rank reads it back as the reference model (save waits for it)
+    if cfg.lora_rank:  # LoRA (Hu et al. 2021): the RL starting point is the frozen base, only the adapters train
+        # under bf16 autocast the frozen Linear weights are stored in bf16: the bf16 copies autocast would make
+        base_dtype = torch.bfloat16 if cfg.precision in ("bf16-mixed", "bf16") else None
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, base_dtype)
+        if state is not None:
+            load_lora(model, state["lora"])  # build_model loaded the base; its adapters as they were saved
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha or 2.0 * cfg.lora_rank}, {n / 1e6:.2f}M trainable "
+              f"parameters; the reference for the KL term is the frozen base (the same tensors, adapters off)")
+    optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
+    if state is None and cfg.init == "scratch":
         run.save("ckpt", "rl", 0, optimizer)
     ref_model = None  # a frozen copy of the RL starting point for the KL term (bf16 on CUDA: only ever read)
-    if gcfg.beta > 0:
+    if gcfg.beta > 0 and cfg.lora_rank:
+        ref_model = without_adapters(model)
+    elif gcfg.beta > 0:
         ref_source = cfg.model_dir if cfg.init == "qwen" else os.path.join(cfg.out_dir, "warmup")
         ref_model = load_qwen(ref_source, run.device, torch.bfloat16 if run.on_cuda
                               else next(model.parameters()).dtype).eval().requires_grad_(False)

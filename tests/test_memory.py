@@ -10,8 +10,8 @@ import torch
 
 import grpo
 import train
-from memory import GiB, LiveBytes, count_params, plan_rl_step
-from model import ModelConfig, Transformer, generate
+from memory import GiB, LiveBytes, count_lora_params, count_params, plan_rl_step
+from model import ModelConfig, Transformer, add_lora, generate, without_adapters
 
 CONFIG = ModelConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
 
@@ -27,16 +27,22 @@ def test_live_bytes_by_hand():
     assert live.peak == 8_000_000 and live.now == 8_000_000 and view.shape == (10, 1000) and c.shape == a.shape
 
 
-def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4):
+def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4, lora_rank=0):
     """One rollout and one update of 4 prompts x 4 samples, 20 + 60 tokens, each measured by LiveBytes on top of
-    the tensors that exist between steps (weights, AdamW state, the reference)."""
+    the tensors that exist between steps (weights, AdamW state, the reference). lora_rank: as train.py does it
+    (frozen Linears in bf16 under bf16-mixed, the reference on the same tensors)."""
     gcfg = grpo.GRPOConfig(group_size=4, max_new_tokens=60, micro_batch_size=micro_batch, logprob_chunk=64,
                            beta=beta, top_p=top_p)
     torch.manual_seed(0)
     model = Transformer(CONFIG)
     model.gradient_checkpointing = checkpointing
-    ref_model = copy.deepcopy(model).requires_grad_(False) if beta else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if lora_rank:
+        add_lora(model, lora_rank, 2.0 * lora_rank, torch.bfloat16 if precision == "bf16-mixed" else None)
+        ref_model = without_adapters(model) if beta else None
+    else:
+        ref_model = copy.deepcopy(model).requires_grad_(False) if beta else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed")
     prompts = [[1 + i] * 20 for i in range(4)]
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0] * 4)
@@ -49,8 +55,9 @@ def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4)
         return grpo.micro_batches(grpo.per_row(prompts, 4), completions, rewards, grpo.group_advantages(rewards, 4),
                                   gcfg, pad_id=0, stop_ids=())
     grpo.update(model, optimizer, batch_of(rollout()), gcfg, ref_model, autocast=autocast)  # AdamW state exists
-    between_steps = sum(p.numel() * p.element_size() for p in model.parameters()) * 3 \
-        + sum(p.numel() * p.element_size() for p in (ref_model.parameters() if ref_model else []))
+    nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    between_steps = nbytes(model.parameters()) + 2 * nbytes(trainable) \
+        + (nbytes(ref_model.parameters()) if ref_model and not lora_rank else 0)  # LoRA's shares the weights
     with LiveBytes() as live:
         completions = rollout()
     rollout_peak = between_steps + live.peak
@@ -58,15 +65,17 @@ def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4)
     with LiveBytes() as live:
         grpo.update(model, optimizer, batch, gcfg, ref_model, autocast=autocast)
     plan = plan_rl_step(CONFIG, gcfg, 16, 20, micro_batch, precision=precision, device_type="cpu",
-                        checkpointing=checkpointing)
+                        checkpointing=checkpointing, lora_rank=lora_rank)
     return plan, rollout_peak, between_steps + live.peak
 
 
-@pytest.mark.parametrize("precision, checkpointing, beta, top_p, micro_batch", [
-    ("fp32", True, 0.0, 1.0, 4), ("fp32", False, 0.0, 1.0, 4), ("bf16-mixed", True, 0.0, 1.0, 4),
-    ("bf16-mixed", False, 0.0, 1.0, 4), ("bf16-mixed", True, 0.01, 0.9, 8), ("fp32", True, 0.0, 1.0, 16)])
-def test_the_plan_is_within_12_percent_of_the_measured_peaks(precision, checkpointing, beta, top_p, micro_batch):
-    plan, rollout_peak, update_peak = measured_peaks(precision, checkpointing, beta, top_p, micro_batch)
+@pytest.mark.parametrize("precision, checkpointing, beta, top_p, micro_batch, lora_rank", [
+    ("fp32", True, 0.0, 1.0, 4, 0), ("fp32", False, 0.0, 1.0, 4, 0), ("bf16-mixed", True, 0.0, 1.0, 4, 0),
+    ("bf16-mixed", False, 0.0, 1.0, 4, 0), ("bf16-mixed", True, 0.01, 0.9, 8, 0), ("fp32", True, 0.0, 1.0, 16, 0),
+    ("bf16-mixed", True, 0.01, 1.0, 4, 8), ("fp32", False, 0.0, 1.0, 4, 16)])
+def test_the_plan_is_within_12_percent_of_the_measured_peaks(precision, checkpointing, beta, top_p, micro_batch,
+                                                              lora_rank):
+    plan, rollout_peak, update_peak = measured_peaks(precision, checkpointing, beta, top_p, micro_batch, lora_rank)
     assert plan.rollout_peak == pytest.approx(rollout_peak, rel=0.12)
     assert plan.update_peak == pytest.approx(update_peak, rel=0.12)
 
@@ -82,6 +91,29 @@ def test_the_plan_of_qwen_3b_by_hand():
     # K and V: 36 layers x 2 kv heads x 128 dims x 1174 positions x (128 rows + 16 prefill rows) x 2 bytes
     assert plan.kv_cache == 2 * 36 * 256 * 1174 * 144 * 2
     assert 5.7 < plan.cast_weights / GiB < 5.8  # every weight but the norms, once in bf16
+
+
+def test_the_lora_plan_of_qwen_3b_by_hand():
+    """Qwen2.5-3B's adapters at rank 16, from its published shapes: per layer q 2048->2048, k and v 2048->256
+    (2 kv heads of 128), o 2048->2048, gate and up 2048->11008, down 11008->2048; r (in + out) each, 36 layers."""
+    qwen3b = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
+                         qkv_bias=True, tie_embeddings=True, max_seq_len=32768)
+    R = 36 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 256) + 2 * (2048 + 11008) + (11008 + 2048))
+    assert R == 29_933_568 and count_lora_params(qwen3b, 16) == R
+    with torch.device("meta"):  # the real adapters, no memory
+        model = add_lora(Transformer(qwen3b), 16, 32.0)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == R
+    gcfg = grpo.GRPOConfig(group_size=8, max_new_tokens=1024, micro_batch_size=8, beta=0.001)
+    plan = plan_rl_step(qwen3b, gcfg, 128, 150, 8, lora_rank=16)
+    P = 3_085_938_688
+    frozen_linears = 36 * (2048 * (2048 + 2 * 256) + (2048 + 2 * 256) + 2048 * 2048 + 3 * 2048 * 11008)
+    # gradients and AdamW's two moments for the float32 adapters only; no second copy for the KL reference
+    assert (plan.gradients, plan.optimizer, plan.reference) == (4 * R, 8 * R, 0)
+    # the frozen Linears in bf16 (what autocast reads), embedding and norms in float32, the adapters in float32
+    assert plan.weights == 2 * frozen_linears + 4 * (P - frozen_linears) + 4 * R
+    assert plan.kv_cache == 2 * 36 * 256 * 1174 * 144 * 2  # as in full fine-tuning: rollouts are unchanged
+    full = plan_rl_step(qwen3b, gcfg, 128, 150, 8)
+    assert plan.saved_activations == full.saved_activations  # backward still runs through every block
 
 
 def write_config(directory, **changes):
@@ -103,6 +135,18 @@ def test_dry_run_plans_qwen_3b_from_config_json_alone(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--init=qwen", f"--model_dir={tmp_path / 'qwen'}", "--dry_run", "--gpu_memory_gb=24"])
     assert "does NOT fit whatever the batch" in capsys.readouterr().out
+
+
+def test_dry_run_plans_lora(tmp_path, capsys):
+    write_config(tmp_path / "qwen")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--init=qwen", f"--model_dir={tmp_path / 'qwen'}", "--dry_run", "--gpu_memory_gb=24",
+                    "--lora_rank=16"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "LoRA rank 16: 29.9M trainable" in out
+    assert "on a 24 GB card: fits" in out and "reference             0.00 GiB" in out
+    with pytest.raises(SystemExit, match="^error: --lora_rank=-1 --lora_alpha=0.0: expected a rank >= 0"):
+        train.main(["--init=qwen", f"--model_dir={tmp_path / 'qwen'}", "--dry_run", "--lora_rank=-1"])
 
 
 def test_dry_run_on_a_bad_config_is_one_line(tmp_path):

@@ -160,6 +160,32 @@ def launch(args):
 def test_resume_after_sigkill_is_exact(tmp_path):
     common = TINY + ["--warmup_steps=6", "--rl_steps=6", "--prompts_per_step=2", "--group_size=4", "--lr=3e-3",
                      "--eval_every=3", "--save_every=1", "--eval_size=4"]
+    kill_resume_and_compare(tmp_path, common)
+
+
+def test_a_lora_run_resumed_after_sigkill_is_exact_and_saves_merged_weights(tmp_path):
+    """--lora_rank: ckpt/ holds merged weights plus the adapters in state.pt; the resumed run rebuilds the frozen
+    base (out/warmup) with them and continues exactly. Rewards differ here (as in test_keep_steps...), so the
+    adapters move; beta > 0 runs the KL against the base with adapters off."""
+    common = TINY + ["--warmup_steps=30", "--warmup_lr=1e-2", "--rl_steps=4", "--prompts_per_step=8",
+                     "--group_size=8", "--lr=1e-2", "--eval_every=4", "--save_every=1", "--lora_rank=4", "--beta=0.01"]
+    straight, killed = kill_resume_and_compare(tmp_path, common)
+    assert any(r.get("kl", 0) > 0 for r in read_metrics(straight))  # the adapters did move the policy
+    final = load_safetensors(os.path.join(killed, "final", "model.safetensors"))
+    warm = load_safetensors(os.path.join(killed, "warmup", "model.safetensors"))
+    assert final.keys() == warm.keys() and not any("lora" in k for k in final)  # a plain Qwen2 directory
+    frozen = [k for k in warm if not k.endswith("_proj.weight")]  # embedding, norms, q/k/v biases
+    assert frozen and all(torch.equal(final[k], warm[k]) for k in frozen)
+    assert not torch.equal(final["model.layers.0.mlp.down_proj.weight"], warm["model.layers.0.mlp.down_proj.weight"])
+    state = torch.load(os.path.join(killed, "ckpt", "state.pt"), weights_only=False)
+    assert sorted(state["lora"])[:2] == ["layers.0.mlp.down_proj.lora_A", "layers.0.mlp.down_proj.lora_B"]
+    with pytest.raises(SystemExit, match="saved with LoRA adapters; resume it with the --lora_rank it was run"):
+        train.main(common + [f"--out_dir={killed}", "--resume", "--lora_rank=0"])
+
+
+def kill_resume_and_compare(tmp_path, common):
+    """Run `common` straight through, and again killed (SIGKILL) after RL step 2's checkpoint, then --resume:
+    the same metrics rows and final weights. -> the two run directories."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     reference = launch(common + [f"--out_dir={straight}"])
     process = launch(common + [f"--out_dir={killed}"])
@@ -192,6 +218,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
+    return straight, killed
 
 
 # -----------------------------------------------------------------------------
