@@ -274,8 +274,8 @@ def solve(nums, target, integer_steps=False):
 def count_solutions(nums, target):
     """How many of the expressions a guesser could write equal target: every order of the numbers, every
     bracketing and every operator at each node, each written once (3 numbers: 6 orders x 2 bracketings x 4^2
-    operators = 192 expressions). A difficulty for pass@k at large k: a problem few of them solve is hard
-    to hit by trying many answers. Exact fractions; a division by zero is not an expression."""
+    operators = 192 expressions). A model-free difficulty: a problem few of them solve is hard to hit for a
+    guesser that tries expressions at random. Exact fractions; a division by zero is not an expression."""
     leaves = [Fraction(n) for n in nums]
 
     @lru_cache(maxsize=None)
@@ -371,7 +371,7 @@ def test_set(n=1000, seed=1234, n_nums=(3, 4), num_range=(1, 99), target_range=(
     split = "all" if every_bucket else "test"
     share = 1 if every_bucket else TEST_BUCKETS / N_BUCKETS
     low, high = _check_knobs(n_nums, num_range, target_range, split)
-    # distinct problems: multisets of k of the R numbers, C(R + k - 1, k), times the targets; ~5% are test ones
+    # distinct problems: multisets of k of the R numbers, C(R + k - 1, k), times the targets; `share` in the split
     R, n_targets = num_range[1] - num_range[0] + 1, target_range[1] - target_range[0] + 1
     space = sum(math.comb(R + k - 1, k) for k in range(low, high + 1)) * n_targets
     if n > space * share * 1.1 + 100:

@@ -7,7 +7,8 @@ import struct
 
 import torch
 
-from model import ModelConfig, Transformer, merged_state_dict
+from lora import merged_state_dict
+from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -54,8 +54,9 @@ from checkpoint import (disk_needed, load_checkpoint_state, read_run_config, rng
 from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
+from lora import add_lora, load_lora, lora_state_dict, without_adapters
 from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_plan
-from model import PRESETS, ModelConfig, Transformer, add_lora, generate, load_lora, lora_state_dict, without_adapters
+from model import PRESETS, ModelConfig, Transformer, generate
 from rewards import is_correct
 from tokenizer import byte_tokenizer, load_tokenizer
 
@@ -599,20 +600,22 @@ def rollout_metrics(rewards, reasons, texts, completions, stop_ids, group_size, 
             "long_frac": sum(map(is_long_form, texts)) / len(texts)}
 
 
-def train_rl(run, state):
-    """The GRPO loop; returns False if a signal stopped the run (ckpt/ saved), True when it finished."""
+def rl_setup(run, state):
+    """What the GRPO loop starts from -> (optimizer, first step, reference model or None): LoRA's adapters when
+    asked, AdamW, ckpt/ at RL step 0 of a fresh scratch run, the frozen reference for the KL term, the plan."""
     cfg, gcfg, model, tok, G, task = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size, run.task
-    world = run.world  # torchrun's ranks; one process: SINGLE, and every world.* call below is the identity
+    world = run.world
     if state is None and cfg.init == "scratch":  # the RL starting point: out/warmup (and below ckpt/ at RL step 0)
         run.save("warmup")  # on disk before any rank reads it back as the reference model (save waits for it)
     if cfg.lora_rank:  # LoRA (Hu et al. 2021): the RL starting point is the frozen base, only the adapters train
         # under bf16 autocast the frozen Linear weights are stored in bf16: the bf16 copies autocast would make
         base_dtype = torch.bfloat16 if cfg.precision in ("bf16-mixed", "bf16") else None
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, base_dtype)
+        alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+        add_lora(model, cfg.lora_rank, alpha, base_dtype)
         if state is not None:
             load_lora(model, state["lora"])  # build_model loaded the base; its adapters as they were saved
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha or 2.0 * cfg.lora_rank}, {n / 1e6:.2f}M trainable "
+        print(f"LoRA: rank {cfg.lora_rank}, alpha {alpha}, {n / 1e6:.2f}M trainable "
               f"parameters; the reference for the KL term is the frozen base (the same tensors, adapters off)")
     optimizer, start = run.adamw(cfg.lr, 0.999, state)  # nano-aha-moment / TRL's AdamW betas for RL
     if state is None and cfg.init == "scratch":
@@ -631,6 +634,14 @@ def train_rl(run, state):
     if run.on_cuda or cfg.init == "qwen":
         prompt_len = max(len(tok.encode(task.render_prompt(p, run.template, tok))) for p in run.test_problems)
         memory_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit, world.size)
+    return optimizer, start, ref_model
+
+
+def train_rl(run, state):
+    """The GRPO loop; returns False if a signal stopped the run (ckpt/ saved), True when it finished."""
+    cfg, gcfg, model, tok, G, task = run.cfg, run.gcfg, run.model, run.tok, run.gcfg.group_size, run.task
+    world = run.world  # torchrun's ranks; one process: SINGLE, and every world.* call below is the identity
+    optimizer, start, ref_model = rl_setup(run, state)
     for step in run.steps("GRPO", start, cfg.rl_steps + 1):
         if step in cfg.keep_steps:  # the policy before this step's update, for pass@k over RL length
             run.save(f"step_{step}")

@@ -1,4 +1,4 @@
-"""LoRA (model.add_lora): at B = 0 the model is the plain model exactly; a LoRA layer computes the paper's
+"""LoRA (lora.add_lora): at B = 0 the model is the plain model exactly; a LoRA layer computes the paper's
 x W^T + b + (alpha / r) (x A^T) B^T (checked in float64 by hand); only the adapters train; the merged weights,
 saved by save_hf and read back by load_qwen, give the LoRA model's logits under the plain model's names."""
 import os
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_io import load_qwen, load_safetensors, save_hf
-from model import (LoRALinear, ModelConfig, Transformer, add_lora, load_lora, lora_state_dict, merged_state_dict,
-                   without_adapters)
+from lora import LoRALinear, add_lora, load_lora, lora_state_dict, merged_state_dict, without_adapters
+from model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -10,8 +10,9 @@ import torch
 
 import grpo
 import train
+from lora import add_lora, without_adapters
 from memory import GiB, LiveBytes, count_lora_params, count_params, plan_rl_step
-from model import ModelConfig, Transformer, add_lora, generate, without_adapters
+from model import ModelConfig, Transformer, generate
 
 CONFIG = ModelConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
 
