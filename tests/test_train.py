@@ -331,14 +331,18 @@ def test_warmup_from_starts_rl_where_the_earlier_run_did(tmp_path):
         train.main(TINY + [f"--out_dir={tmp_path / 'third'}", f"--warmup_from={tmp_path}"])
 
 
-def test_the_static_decode_loop_gives_the_same_run(tmp_path):
+def test_the_static_decode_loop_gives_the_same_run(tmp_path, monkeypatch):
     """--decode=static reaches model.generate: the same rollouts, so the same metrics, as the eager loop."""
+    import model
+    calls, static = [], model.decode_static
+    monkeypatch.setattr(model, "decode_static", lambda *a, **k: calls.append(1) or static(*a, **k))
     rl = ["--warmup_steps=10", "--rl_steps=2", "--prompts_per_step=2", "--group_size=4", "--eval_every=100",
           "--save_every=100"]
     rows = []
     for decode in ("eager", "static"):
         out = str(tmp_path / decode)
         train.main(TINY + [f"--out_dir={out}", f"--decode={decode}"] + rl)
+        assert len(calls) == (2 if decode == "static" else 0)  # the static run's two rollouts took that loop
         rows.append([{k: v for k, v in r.items() if k not in ("time", "step_time", "tokens_per_s")}
                      for r in read_metrics(out) if r["phase"] == "rl"])
     assert rows[0] == rows[1] and len(rows[0]) == 2
