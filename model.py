@@ -16,7 +16,7 @@ Choices:
     counted over real tokens only (cumsum of the mask), so a padded row sees exactly the positions of its
     unpadded self. Every query may always see its own key, so rows of pure padding give finite junk, never NaN.
   - generate(): prefills each distinct prompt once, then decodes its num_samples rows with all others in one batch.
-  - sampling: temperature, then top-p, then one draw from an explicit generator. The fast sample_next_token
+  - sampling: temperature, then top-p, then one uniform per row and step from an explicit generator. The fast sample_next_token
     (exact inverse CDF) follows the plain sample_next_token_reference and is tested against it.
 Checked against transformers' Qwen2ForCausalLM (tests/test_loader.py): identical fp32 and bf16 logits and greedy output.
 Shape letters: B batch, T time, H query heads, H_kv key/value heads, D head dim, C model dim, V vocab.
@@ -397,8 +397,15 @@ def inverse_cdf(probs, u, block=1024):
     return b * block + torch.searchsorted(inner_cdf, offset, right=True)
 
 
-def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
-    """sample_next_token_reference's distribution, drawn faster: one uniform per row from `generator`."""
+def uniforms(n, generator, device):
+    """n uniforms in [0, 1) from generator: float64, or float32 on Apple's MPS, which has no float64."""
+    return torch.rand(n, generator=generator, device=device,
+                      dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64)
+
+
+def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0, u=None):
+    """sample_next_token_reference's distribution, drawn faster: one uniform per row, u (B,) when given (generate
+    draws them), else from `generator`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
@@ -413,9 +420,8 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_p=1.0):
     # Inverse-CDF sampling: one uniform draw per row, located in the cumulative distribution (float64 inside the
     # chosen block, so even 1e-10 probabilities keep their share); exact, and cheaper on a large vocabulary than
     # torch.multinomial, which draws one exponential per id. Scaling by the total renormalises top-p survivors.
-    wide = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=wide)
-    choice = inverse_cdf(probs, u)                                      # (B, 1)
+    u = uniforms(probs.shape[0], generator, probs.device) if u is None else u
+    choice = inverse_cdf(probs, u[:, None])                             # (B, 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
@@ -458,11 +464,15 @@ def check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_
 # every decode step would cast every weight again (about 3x the weight traffic per token)
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), seed=None,
-             num_samples=1, vocab_limit=None, decode="eager"):
+             num_samples=1, vocab_limit=None, decode="eager", batch_rows=None):
     """Sample num_samples completions of each prompt (lists of token ids) -> the new tokens of each row (layout: step
     3), ending after its first stop id (kept) or max_new_tokens. Only ids < vocab_limit (model.vocab_limit if
     None) are sampled. Under bf16 autocast the KV cache is bf16 too. decode: "eager" (below), or "static" /
-    "compiled": the same tokens from decode_static's fixed-shape step, run as it is or under torch.compile."""
+    "compiled": the same tokens from decode_static's fixed-shape step, run as it is or under torch.compile.
+    Randomness: at every step one uniform is drawn from the seed for each row of the batch, finished or not, and
+    a row's token comes from its own uniform. batch_rows=(first, total): these rows are rows first .. first+B-1
+    of a batch of `total` rows that several processes sample (torchrun); each draws all `total` uniforms and
+    uses its own, so a batch split across ranks gives the samples of one process. None: (0, B)."""
     # 1. validate
     check_generate_args(model, prompts, max_new_tokens, temperature, top_p, num_samples, vocab_limit)
     if decode not in ("eager", "static", "compiled"):
@@ -470,6 +480,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     vocab_limit = vocab_limit or model.vocab_limit
     lengths = [len(p) for p in prompts]
     P, G, T0 = len(prompts), num_samples, max(lengths)
+    first, total = batch_rows or (0, P * G)
+    if not 0 <= first <= total - P * G:
+        raise ValueError(f"batch_rows={batch_rows}: {P * G} rows starting at row {first} do not fit a batch of {total}")
     device, dtype = model.embed_tokens.weight.device, compute_dtype(model)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -499,14 +512,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         if decode != "eager":
             out = decode_static(model, kv_cache, logits, max_new_tokens, generator, temperature, top_p, stop,
-                                vocab_limit, compiled=decode == "compiled")
+                                vocab_limit, (first, total), compiled=decode == "compiled")
             return cut_after_stop(out.tolist(), stop_ids)
         out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)  # (B, max_new)
         row_ids = torch.arange(B, device=device)    # which output row each active batch row writes
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         # 4. decode one token per step for every active row
         for step in range(max_new_tokens):
-            next_token = sample_next_token(logits, generator, temperature, top_p)      # (B,)
+            u = uniforms(total, generator, device)[first + row_ids]               # (B,) the active rows' own
+            next_token = sample_next_token(logits, None, temperature, top_p, u)        # (B,)
             out[row_ids, step] = next_token
             finished |= torch.isin(next_token, stop)
             if step == max_new_tokens - 1:
@@ -575,10 +589,11 @@ _compiled_decode_step = None
 
 
 def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperature, top_p, stop, vocab_limit,
-                  compiled=False):
+                  batch_rows, compiled=False):
     """generate's step 4 with static shapes, from the prefilled (and per-sample copied) cache and its last
-    logits (B, V') -> out (B, max_new_tokens) ids, -1 after a row's end. compiled: the step under
-    torch.compile(fullgraph=True), and on CUDA with CUDA graphs (mode="reduce-overhead")."""
+    logits (B, V') -> out (B, max_new_tokens) ids, -1 after a row's end; batch_rows (first, total) as in
+    generate. compiled: the step under torch.compile(fullgraph=True), and on CUDA with CUDA graphs
+    (mode="reduce-overhead")."""
     global _compiled_decode_step
     step_fn = decode_step
     if compiled:
@@ -590,19 +605,16 @@ def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperatur
     B = logits.shape[0]
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=logits.device)  # (B, max_new)
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    active = torch.arange(B, device=logits.device)  # the rows the eager loop still holds: it draws for them only
-    next_token = torch.zeros(B, dtype=torch.long, device=logits.device)
+    first, total = batch_rows
     for step in range(max_new_tokens):
-        # the eager loop's draws: one uniform per row it still holds, in order, so the same seed gives its tokens
-        next_token[active] = sample_next_token(logits[active], generator, temperature, top_p)
+        u = uniforms(total, generator, logits.device)[first:first + B]    # (B,) the eager loop's uniforms
+        next_token = sample_next_token(logits, None, temperature, top_p, u)  # (B,)
         out[:, step] = next_token.masked_fill(finished, -1)  # a finished row writes nothing more
         finished |= torch.isin(next_token, stop)
         if step == max_new_tokens - 1:
             break
-        if step % 8 == 7:  # a host sync every 8 steps, where the eager loop drops its finished rows
-            active = (~finished).nonzero().squeeze(-1)
-            if len(active) == 0:
-                break
+        if step % 8 == 7 and finished.all():  # a host sync every 8 steps, as in the eager loop
+            break
         logits = step_fn(model, next_token, cache, vocab_limit)
         if compiled and logits.is_cuda:
             logits = logits.clone()  # CUDA graphs reuse their output buffer on the next replay

@@ -659,10 +659,12 @@ def train_rl(run, state):
         problems = world.shard([next(stream) for _ in range(cfg.prompts_per_step)])
         prompts = [tok.encode(task.render_prompt(p, run.template, tok)) for p in problems]
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
+        # (under torchrun: this rank's rows of the step's batch, sampled as one process would sample them)
         with run.autocast:
             completions = generate(model, prompts, gcfg.max_new_tokens, temperature=gcfg.temperature,
-                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed + world.rank, num_samples=G,
-                                   decode=cfg.decode)
+                                   top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed, num_samples=G,
+                                   decode=cfg.decode, batch_rows=(world.rank * len(prompts) * G,
+                                                                  cfg.prompts_per_step * G))
         # ---- 3. rewards: the task's score of every response
         texts = [tok.decode(c) for c in completions]
         row_problems = grpo.per_row(problems, G)

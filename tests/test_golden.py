@@ -8,7 +8,9 @@ live), per-sequence loss aggregation, batch-std advantages, dynamic sampling, ov
 per micro-batch, temperature 0.8 and top-p 0.9. Both were recorded with the CPU build of torch 2.13 on x86;
 another torch build may round differently, so the comparison needs the same torch version.
 
-To re-record after a deliberate change of behaviour: run the commands below into a fresh directory and copy its
+Re-recorded once since, on purpose: issue 16's sampler draws one uniform for every row of the batch at every
+step (so that a batch split across torchrun ranks samples what one process samples); the warm-up rows and the
+evaluations before RL were unchanged by it, the RL rows changed. To re-record after a deliberate change of behaviour: run the commands below into a fresh directory and copy its
 metrics.jsonl (without the wall-clock keys) and final/model.safetensors here."""
 import json
 import os

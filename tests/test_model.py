@@ -323,6 +323,26 @@ def test_static_decode_gives_the_eager_loops_tokens(temperature, top_p):
     assert generate(model, prompts, 24, stop_ids=stop, decode="static", **kw) == eager
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_batch_sampled_in_parts_gives_the_samples_of_the_whole(decode):
+    """batch_rows, the torchrun split: the batch's rows sampled in three calls (each with its own prompts, so
+    other padding, and rows ending at other steps) are the rows of one call on the whole batch, for the same
+    seed; without batch_rows the parts draw other uniforms and differ."""
+    model = tiny_model(std=0.5)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [6, 5], [2, 7]]
+    kw = dict(temperature=0.9, top_p=0.95, seed=11, num_samples=2, decode=decode)
+    free = generate(model, prompts, 20, **kw)
+    stop = {free[0][2], free[3][6], free[5][10]}
+    whole = generate(model, prompts, 20, stop_ids=stop, **kw)
+    assert len(set(map(len, whole))) > 2  # rows end at several steps, so the eager loop drops some mid-way
+    parts = [generate(model, prompts[a:b], 20, stop_ids=stop, batch_rows=(2 * a, 8), **kw)
+             for a, b in ((0, 1), (1, 3), (3, 4))]
+    assert parts[0] + parts[1] + parts[2] == whole
+    assert generate(model, prompts[1:3], 20, stop_ids=stop, **kw) != whole[2:6]
+    with pytest.raises(ValueError, match="batch_rows"):
+        generate(model, prompts[1:3], 20, batch_rows=(6, 8), **kw)
+
+
 def test_compiled_decode_step_equals_the_eager_step_and_generate():
     """torch.compile(fullgraph=True) of the one-token step (the CPU's C++ compiler builds it): logits within 1e-5 of
     the plain forward's at every step, and generate's tokens the eager loop's, greedy and sampled."""
