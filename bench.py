@@ -18,7 +18,8 @@ Timings on a shared machine are noisy: each number is the best of --repeats runs
 optimizer steps on the batch) of a random-weight Qwen2.5-3B-shaped model, and one table: memory.plan_rl_step's
 rollout and update peaks against torch.cuda.max_memory_allocated (LiveBytes on CPU), the KV cache's dtype and
 size, and whether the second optimizer step saw the first one's weights (its weights against a run with
-autocast's cast cache off). On CPU the model and batch are tiny, so that the script cannot crash on its first GPU
+autocast's cast cache off); then the update peak with --optimizer_offload (AdamW on the host) and both peaks with
+--lora_rank=16, on the same weights. On CPU the model and batch are tiny, so that the script cannot crash on its first GPU
 run.
 """
 import os
@@ -36,8 +37,10 @@ import grpo
 import model as model_module
 from cli import opt, parse, pick_device
 from hf_io import save_hf
+from lora import add_lora, without_adapters
 from memory import LiveBytes, plan_rl_step
 from model import ModelConfig, Transformer, generate
+from offload import OffloadedAdamW
 
 
 @dataclass
@@ -78,14 +81,10 @@ def gpu_acceptance(device):
     P, G, prompt_len, new = (16, 8, 150, 1024) if on_cuda else (2, 4, 20, 16)
     gcfg = grpo.GRPOConfig(group_size=G, max_new_tokens=new, micro_batch_size=8 if on_cuda else 4, beta=0.001,
                            num_iterations=2, clip_eps_low=1e-3, clip_eps_high=1e-3)
-    torch.manual_seed(0)
-    policy = Transformer(mc).to(device)
-    policy.gradient_checkpointing = True
-    reference = Transformer(mc).to(device, torch.bfloat16 if on_cuda else torch.float32).requires_grad_(False)
-    reference.load_state_dict(policy.state_dict())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=on_cuda)  # large enough to move bf16 casts
     autocast = torch.autocast(device.type, torch.bfloat16)
+    torch.manual_seed(0)
     prompts = torch.randint(0, 151643 if on_cuda else 4000, (P, prompt_len)).tolist()
+    rewards = torch.tensor([1.0, 0.0] * (P * G // 2))
     caches = []
 
     class RecordingCache(model_module.KVCache):  # keeps each rollout's cache, to read its dtype and size
@@ -93,29 +92,66 @@ def gpu_acceptance(device):
             super().__init__(*args, **kwargs)
             caches.append(self)
     model_module.KVCache = RecordingCache
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
 
-    def rollout():
-        with autocast:
-            return generate(policy, prompts, new, temperature=1.0, seed=0, num_samples=G)
-    rewards = torch.tensor([1.0, 0.0] * (P * G // 2))
+    def measured_peaks(policy, reference, optimizer, held):
+        """One RL step's (rollout peak, update peak, update metrics) in bytes, measured on the second step (the
+        first allocates AdamW's state); held(): the tensors kept between steps on the device (weights, the
+        reference's, AdamW's state there), counted once each."""
+        def rollout():
+            with autocast:
+                return generate(policy, prompts, new, temperature=1.0, seed=0, num_samples=G)
 
-    def update():
-        batch = grpo.micro_batches(grpo.per_row(prompts, G), completions, rewards, grpo.group_advantages(rewards, G),
-                                   gcfg, pad_id=0, stop_ids=(), device=device)
-        return grpo.update(policy, optimizer, batch, gcfg, reference, autocast=autocast)
-    completions, _ = peak_of(rollout, device)  # the first step allocates AdamW's state: measure the second
-    update()
-    static = sum(p.numel() * p.element_size() for m in (policy, reference) for p in m.parameters()) \
-        + sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
-    completions, rollout_extra = peak_of(rollout, device)
-    metrics, update_extra = peak_of(update, device)
-    plan = plan_rl_step(mc, gcfg, P * G, prompt_len, gcfg.micro_batch_size, device_type=device.type)
+        def update():
+            batch = grpo.micro_batches(grpo.per_row(prompts, G), completions, rewards,
+                                       grpo.group_advantages(rewards, G), gcfg, pad_id=0, stop_ids=(), device=device)
+            return grpo.update(policy, optimizer, batch, gcfg, reference, autocast=autocast)
+        completions = rollout()
+        update()
+        static = nbytes({t.data_ptr(): t for t in held()}.values())
+        completions, rollout_extra = peak_of(rollout, device)
+        metrics, update_extra = peak_of(update, device)
+        return static + rollout_extra, static + update_extra, metrics
+
+    rows = []
+    plan_kw = dict(device_type=device.type)
+    # full fine-tuning: float32 weights and AdamW state on the device, a bf16 reference (float32 on CPU)
+    torch.manual_seed(0)
+    policy = Transformer(mc).to(device)
+    policy.gradient_checkpointing = True
+    reference = Transformer(mc).to(device, torch.bfloat16 if on_cuda else torch.float32).requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=on_cuda)  # large enough to move bf16 casts
+    weights = lambda: list(policy.parameters()) + list(reference.parameters())
+    adamw_state = lambda: [t for s in optimizer.state.values() for t in s.values() if t.dim()]
+    rollout_peak, update_peak, metrics = measured_peaks(policy, reference, optimizer,
+                                                        lambda: weights() + adamw_state())
+    plan = plan_rl_step(mc, gcfg, P * G, prompt_len, gcfg.micro_batch_size, **plan_kw)
     cache = caches[-1]
+    rows += [("rollout peak (full fine-tuning)", plan.rollout_peak, rollout_peak),
+             ("update peak (full fine-tuning)", plan.update_peak, update_peak),
+             (f"KV cache ({cache.keys[0].dtype})", plan.kv_cache * P * G // (P * G + P),
+              nbytes(cache.keys + cache.values))]
+    # --optimizer_offload: the same model, AdamW's state and update on the host
+    del optimizer
+    optimizer = OffloadedAdamW(policy.parameters(), lr=1e-4)
+    _, update_peak, _ = measured_peaks(policy, reference, optimizer, weights)
+    plan = plan_rl_step(mc, gcfg, P * G, prompt_len, gcfg.micro_batch_size, optimizer_offload=True, **plan_kw)
+    rows.append(("update peak (--optimizer_offload)", plan.update_peak, update_peak))
+    # --lora_rank=16: train.py's LoRA (frozen base in bf16 under bf16 autocast), the base as the reference
+    del optimizer, reference
+    policy = add_lora(policy, 16, 32.0, torch.bfloat16)
+    if on_cuda:
+        torch.cuda.empty_cache()
+    adapters = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(adapters, lr=1e-4, fused=on_cuda)
+    reference = without_adapters(policy)  # the policy's own frozen tensors: counted once
+    rollout_peak, update_peak, _ = measured_peaks(policy, reference, optimizer, lambda: weights() + adamw_state())
+    plan = plan_rl_step(mc, gcfg, P * G, prompt_len, gcfg.micro_batch_size, lora_rank=16, **plan_kw)
+    rows += [("rollout peak (--lora_rank=16)", plan.rollout_peak, rollout_peak),
+             ("update peak (--lora_rank=16)", plan.update_peak, update_peak)]
     print(f"| {'check':<40} | {'planned':>13} | {'measured':>13} |\n|{'-' * 42}|{'-' * 15}|{'-' * 15}|")
-    for name, planned, measured in [("rollout peak (full fine-tuning)", plan.rollout_peak, static + rollout_extra),
-                                    ("update peak (full fine-tuning)", plan.update_peak, static + update_extra),
-                                    (f"KV cache ({cache.keys[0].dtype})", plan.kv_cache * P * G // (P * G + P),
-                                     sum(t.numel() * t.element_size() for t in cache.keys + cache.values))]:
+    for name, planned, measured in rows:
         print(f"| {name:<40} | {planned / 2**20:9.1f} MiB | {measured / 2**20:9.1f} MiB |")
     print(f"| {'2 optimizer steps per batch: clip_frac':<40} | {'> 0':>13} | {metrics['clip_frac']:13.4f} |")
     # masked attention (ragged rows, training) on the intended SDPA kernel only: a fallback raises here

@@ -66,13 +66,14 @@ class Plan:
 
 
 def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf16-mixed", device_type="cuda",
-                 checkpointing=True, vocab_limit=None, lora_rank=0):
+                 checkpointing=True, vocab_limit=None, lora_rank=0, optimizer_offload=False):
     """The Plan of one RL step: rollout_rows = prompts_per_step * group_size rows of <= prompt_len +
     max_new_tokens tokens; weights in float32 (bf16 for precision "bf16"); the reference in bf16 on CUDA;
     vocab_limit < vocab_size (Qwen's padding rows) adds the head gradient's full-size copy.
     lora_rank > 0 (train.py's LoRA): gradients and AdamW state for the float32 adapters only; the adapted Linears'
     frozen weights in bf16 under bf16 autocast (no cast copies of them); the reference is the same frozen base (no
-    copy); no embedding or head gradient. Activations flow through the whole network as before."""
+    copy); no embedding or head gradient. Activations flow through the whole network as before.
+    optimizer_offload (offload.py): no AdamW state on the GPU (host_memory says what the host holds instead)."""
     P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
     H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
     T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
@@ -106,7 +107,8 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         reference = P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0
     return Plan(
         weights=weights,
-        optimizer=2 * trainable * trainable_bytes,           # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
+        # AdamW's exp_avg and exp_avg_sq, in the weights' dtype (on the host with offload)
+        optimizer=0 if optimizer_offload else 2 * trainable * trainable_bytes,
         reference=reference,
         cast_weights=cast,
         kv_cache=2 * L * kv * T * kv_rows * a,               # K and V, every layer, kv head and position
@@ -118,6 +120,11 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         # probabilities, product, scattered gradient; measured, LoRA) until the head's gradient is formed, then
         # 3 of them with it (full fine-tuning)
         logprob_head=max(6 * chunk * V * 4, 3 * chunk * V * 4 + head), head_cast=head_cast)
+
+
+def offload_host_bytes(mc, lora_rank=0):
+    """Host memory --optimizer_offload takes: float32 weights, two moments and pinned gradients per trainable."""
+    return 16 * (count_lora_params(mc, lora_rank) if lora_rank else count_params(mc))
 
 
 def fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
@@ -132,6 +139,8 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
     plan = plan_rl_step(mc, gcfg, rollout_rows, prompt_len, gcfg.micro_batch_size, **kw)
     lora = f" (LoRA rank {kw['lora_rank']}: {count_lora_params(mc, kw['lora_rank']) / 1e6:.1f}M trainable)" \
         if kw.get("lora_rank") else " (full fine-tuning)"
+    if kw.get("optimizer_offload"):
+        lora += f", AdamW on the host ({offload_host_bytes(mc, kw.get('lora_rank', 0)) / GiB:.1f} GiB of host memory)"
     print(f"memory plan: {count_params(mc) / 1e9:.2f}B params{lora}, {kw.get('precision', 'bf16-mixed')}, "
           f"{rollout_rows} rollout rows of <= {prompt_len + gcfg.max_new_tokens} tokens, micro_batch_size "
           f"{gcfg.micro_batch_size}, for a {budget / GiB:.0f} GiB card:")
@@ -142,8 +151,10 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
     fixed = plan.static + plan.cast_weights + plan.head_cast + plan.gradients + plan.logprob_head
     best = fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw)
     if fixed > 0.9 * budget:
-        print(f"  does NOT fit whatever the batch: weights, gradients and AdamW state alone take {fixed / GiB:.1f} "
-              f"GiB; use a smaller model")
+        print(f"  does NOT fit whatever the batch: what the card holds at any batch (weights, gradients, AdamW "
+              f"state if there, the head's buffers) is {fixed / GiB:.1f} "
+              f"GiB; use a smaller model, --lora_rank=16" + ("" if kw.get("optimizer_offload") else
+                                                              " or --optimizer_offload"))
     elif plan.rollout_peak > 0.9 * budget:
         print("  rollouts do NOT fit: lower --prompts_per_step, --group_size or --max_new_tokens (the KV cache is "
               f"{plan.kv_cache / GiB:.1f} GiB)")

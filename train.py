@@ -57,6 +57,7 @@ from hf_io import load_qwen
 from lora import add_lora, load_lora, lora_state_dict, without_adapters
 from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_plan
 from model import PRESETS, ModelConfig, Transformer, generate
+from offload import OffloadedAdamW
 from rewards import is_correct
 from tokenizer import byte_tokenizer, load_tokenizer
 
@@ -89,6 +90,8 @@ class Config:
     lora_rank: int = opt(0, "RL with LoRA adapters of this rank on every block's q/k/v/o/gate/up/down, all else "
                             "frozen (0 = full fine-tuning; a scratch warm-up stays full); saves merged weights")
     lora_alpha: float = opt(0.0, "LoRA's alpha: the adapters' output is scaled by alpha / rank; 0 = 2 * lora_rank")
+    optimizer_offload: bool = opt(False, "AdamW's state and update on the CPU (offload.py): full fine-tuning on a "
+                                         "smaller GPU, for host memory and a slower step")
     decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
                                "CUDA graphs on CUDA; slower on CPU, README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
@@ -302,8 +305,11 @@ class Run:
         """A phase's AdamW (decoupled weight decay, Loshchilov & Hutter 2019; fused kernels on CUDA) and the step
         it starts from: 0, or a resumed checkpoint's step, with its optimizer and RNG state restored."""
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # with LoRA: the adapters only
-        optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, beta2),
-                                      weight_decay=self.cfg.weight_decay, fused=self.on_cuda)
+        if self.cfg.optimizer_offload:  # the same AdamW, on host copies of the weights
+            optimizer = OffloadedAdamW(trainable, lr=lr, betas=(0.9, beta2), weight_decay=self.cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, beta2),
+                                          weight_decay=self.cfg.weight_decay, fused=self.on_cuda)
         if state is None:
             return optimizer, 0
         optimizer.load_state_dict(state["optimizer"])
@@ -349,7 +355,7 @@ def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1)
         budget = 80 * GiB
     rows = cfg.prompts_per_step * gcfg.group_size // ranks
     kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit,
-              lora_rank=cfg.lora_rank)
+              lora_rank=cfg.lora_rank, optimizer_offload=cfg.optimizer_offload)
     print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
     rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
     for card in (24, 48, 80):
