@@ -7,13 +7,20 @@ Every rank holds the whole model and the same optimizer state; ranks split the w
 held-out problems) and combine what they found with the functions below. Without torchrun (WORLD_SIZE unset or 1)
 init returns a single-process World and every function is the identity: no process group, nothing to install.
 Backends: nccl on CUDA (one GPU per rank, cuda:LOCAL_RANK), gloo on CPU.
+
+With --fsdp (the end of this file) the ranks hold 1/N of the weights, gradients and AdamW state each instead:
+FSDP2 (torch.distributed.fsdp.fully_shard) gathers each block's weights for its forward and backward and sums
+the gradients into each rank's shard (a reduce-scatter), in place of sum_grads.
 """
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from model import Transformer
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,7 @@ class World:
     local_rank: int = 0    # this process on its machine: its GPU
     size: int = 1          # processes in all
     device: str = "cpu"    # where reductions of plain numbers run (nccl needs CUDA tensors)
+    fsdp: bool = False     # weights, gradients and AdamW state sharded across the ranks (shard_model below)
 
     @property
     def main(self):
@@ -40,8 +48,9 @@ class World:
     def sum_grads(self, params):
         """Replace every p.grad by its sum over ranks (a missing one counts as zeros). The loss weights are
         normalised by the global batch, so the sum is the gradient one process would get from the whole batch.
-        All reductions are issued at once (async), then waited for: they overlap each other, not the backward."""
-        if self.size == 1:
+        All reductions are issued at once (async), then waited for: they overlap each other, not the backward.
+        Under FSDP the backward has already summed every gradient into its shard: nothing to do."""
+        if self.size == 1 or self.fsdp:
             return
         grads = []
         for p in params:
@@ -51,6 +60,14 @@ class World:
                 grads.append(p.grad)
         for work in [dist.all_reduce(g, async_op=True) for g in grads]:
             work.wait()
+
+    def max(self, value):
+        """The largest of every rank's number (an int or float), on every rank."""
+        if self.size == 1:
+            return value
+        top = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        return type(value)(top.item())
 
     def gather(self, items):
         """This rank's list -> the lists of all ranks concatenated in rank order, on every rank (any picklable
@@ -112,3 +129,85 @@ def only_main_prints(world):
     """Send the other ranks' stdout to os.devnull, so that the log is printed once (stderr, where errors go, stays)."""
     if not world.main:
         sys.stdout = open(os.devnull, "w")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): each rank keeps a 1/N shard of every weight, its gradient and its AdamW state
+#
+# One FSDP unit per block, and one for the rest (embedding, final norm and the tied head: one tensor), as
+# torchtitan does. A unit's forward all-gathers its weights and frees them after (the root's stay until the
+# backward); its backward reduce-scatters the gradients: summed over ranks, each rank keeping its shard. So every
+# forward and backward is a collective, and every rank must run as many of them: grpo.micro_batches and the
+# warm-up pad a rank's micro-batches with zero-weight ones. Sampling would all-gather every block's weights for
+# every token; `unsharded` gathers them once for a whole generate call instead.
+
+
+def shard_model(model):
+    """fully_shard(model) in place, block by block, gradients summed (not averaged) over ranks -> model."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # torch >= 2.6
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "hidden_states")  # grpo calls it directly, not through forward
+    for unit in [model, *model.layers]:
+        unit.set_gradient_divide_factor(1.0)  # the loss weights already divide by the global batch
+        if hasattr(unit, "set_force_sum_reduction_for_comms"):  # newer torch: a plain sum, which gloo also has
+            unit.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model, world):
+    """Inside: every weight of an FSDP model gathered once and kept (so decode steps run no collectives, and ranks
+    may decode different numbers of steps); resharded on exit. Without FSDP: nothing."""
+    if not world.fsdp:
+        yield
+        return
+    for block in model.layers:
+        block.set_reshard_after_forward(False, recurse=False)
+    for unit in [model, *model.layers]:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for block in model.layers:
+            block.reshard()
+            block.set_reshard_after_forward(True, recurse=False)
+        model.reshard()
+
+
+def gathered(model, world, optimizer=None):
+    """FSDP: (a plain Transformer with every whole weight, AdamW's state_dict with whole tensors or None), on rank
+    0's CPU, in the layout of a run without FSDP (so either resumes the other); (None, None) on the other ranks.
+    Every rank must call it: each sends its shards, one tensor at a time."""
+    from torch.distributed.tensor import DTensor
+
+    def whole(t):  # every rank takes part in the all-gather; rank 0 keeps the result
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        return t.cpu() if world.main else None
+    weights = {name: whole(t) for name, t in model.state_dict().items()}
+    adamw = None
+    if optimizer is not None:
+        saved = optimizer.state_dict()  # {"state": {index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups"}
+        adamw = {"state": {i: {k: whole(v) for k, v in s.items()} for i, s in saved["state"].items()},
+                 "param_groups": saved["param_groups"]}
+    if not world.main:
+        return None, None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(weights, assign=True)
+    if model.config.tie_embeddings:
+        plain.lm_head.weight = plain.embed_tokens.weight
+    plain.vocab_limit = model.vocab_limit
+    return plain, adamw
+
+
+def load_optimizer_state(optimizer, saved):
+    """FSDP: an AdamW state_dict with whole tensors (any run's checkpoint) -> optimizer, each rank keeping the
+    shard of every moment that matches its shard of the weight."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh, params[i].placements)
+                 if isinstance(params[i], DTensor) and v.shape == params[i].shape else v for k, v in s.items()}
+             for i, s in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

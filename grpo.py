@@ -166,6 +166,7 @@ class MicroBatch:
     weights: torch.Tensor           # [B, L] w_i,t of every loss token (0 elsewhere), from the whole batch
     old_logprobs: torch.Tensor = None   # [B, L] pi_old, frozen by update() when num_iterations > 1
     ref_logprobs: torch.Tensor = None   # [B, L] pi_ref, by update() when there is a reference model
+    filler: bool = False                # FSDP: a one-token row of zero weight, so every rank runs as many passes
 
 
 def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, stop_ids, device="cpu",
@@ -200,6 +201,11 @@ def micro_batches(row_prompts, completions, rewards, advantages, cfg, pad_id, st
         row_weights = torch.tensor([weights[i] for i in rows], device=device)[:, None]     # [B, 1]
         batch.append(MicroBatch(tokens, attention_mask, completion_mask, P, advantages[rows].to(device),
                                 completion_mask * row_weights))
+    if world.fsdp:  # each forward and backward is a collective there: as many micro-batches on every rank
+        tokens, attention_mask, completion_mask, P = build_batch([[pad_id]], [[pad_id]], pad_id, device)
+        filler = MicroBatch(tokens, attention_mask, completion_mask, P, torch.zeros(1, device=device),
+                            torch.zeros(1, 1, device=device), filler=True)   # its loss is 0, its gradient zeros
+        batch += [filler] * (world.max(len(batch)) - len(batch))
     return batch
 
 # -----------------------------------------------------------------------------
@@ -298,7 +304,7 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autoc
     optimizer.step() would run every later step on the weights as they were before it."""
     if cfg.beta > 0 and ref_model is None:
         raise ValueError(f"beta={cfg.beta} > 0 needs ref_model (a frozen copy of the initial policy)")
-    num_tokens = int(world.sum([sum(int(mb.completion_mask.sum()) for mb in batch)])[0])   # on all ranks
+    num_tokens = int(world.sum([sum(int(mb.completion_mask.sum()) for mb in batch if not mb.filler)])[0])
     if num_tokens == 0:  # every row was filtered out: no step
         return {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "num_tokens": 0,
                 "skipped": 1}
@@ -320,6 +326,8 @@ def update(model, optimizer, batch, cfg, ref_model=None, vocab_limit=None, autoc
             with autocast:  # the forward and the loss only (backward runs in the dtypes the forward chose)
                 loss, sums = policy_loss(model, mb, cfg, vocab_limit)
             loss.backward()
+            if mb.filler:
+                continue
             totals["loss"] += loss.detach()
             for name, value in sums.items():
                 totals[name] += value / num_tokens

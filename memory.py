@@ -50,6 +50,9 @@ class Plan:
     logprob_head: int       # the chunked log-softmax's [chunk, V] buffers and the [V, C] head gradient
     head_cast: int = 0      # LoRA under bf16 autocast: the frozen lm_head's bf16 copy, made anew at every decode
     #                         step and every micro-batch (autocast caches copies of trainable weights only)
+    gathered_rollout: int = 0  # FSDP: every weight gathered for the whole of generate (distributed.unsharded)
+    gathered_update: int = 0   # FSDP: two units gathered at a time (the one running, the next prefetched), and the
+    #                            unsharded gradient of one unit before its reduce-scatter
 
     @property
     def static(self):
@@ -57,23 +60,26 @@ class Plan:
 
     @property
     def rollout_peak(self):
-        return self.static + self.cast_weights + self.kv_cache + max(self.sampling, self.head_cast)
+        return self.static + self.gathered_rollout + self.cast_weights + self.kv_cache + max(self.sampling,
+                                                                                              self.head_cast)
 
     @property
     def update_peak(self):  # backward meets the head first, then one block at a time: the larger of the two
-        return self.static + self.cast_weights + self.head_cast + self.gradients + self.saved_activations \
-            + max(self.block_working, self.logprob_head)
+        return self.static + self.gathered_update + self.cast_weights + self.head_cast + self.gradients \
+            + self.saved_activations + max(self.block_working, self.logprob_head)
 
 
 def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf16-mixed", device_type="cuda",
-                 checkpointing=True, vocab_limit=None, lora_rank=0, optimizer_offload=False):
+                 checkpointing=True, vocab_limit=None, lora_rank=0, optimizer_offload=False, fsdp_ranks=1):
     """The Plan of one RL step: rollout_rows = prompts_per_step * group_size rows of <= prompt_len +
     max_new_tokens tokens; weights in float32 (bf16 for precision "bf16"); the reference in bf16 on CUDA;
     vocab_limit < vocab_size (Qwen's padding rows) adds the head gradient's full-size copy.
     lora_rank > 0 (train.py's LoRA): gradients and AdamW state for the float32 adapters only; the adapted Linears'
     frozen weights in bf16 under bf16 autocast (no cast copies of them); the reference is the same frozen base (no
     copy); no embedding or head gradient. Activations flow through the whole network as before.
-    optimizer_offload (offload.py): no AdamW state on the GPU (host_memory says what the host holds instead)."""
+    optimizer_offload (offload.py): no AdamW state on the GPU (offload_host_bytes: what the host holds instead).
+    fsdp_ranks = N > 1 (--fsdp): a rank holds 1/N of the weights, gradients, AdamW state and reference, and the
+    gathered weights above; rollout_rows are then this rank's rows."""
     P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
     H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
     T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
@@ -105,21 +111,24 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
     else:
         weights, trainable, trainable_bytes, head_cast = P * w, P, w, 0
         reference = P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0
+    N = fsdp_ranks
+    unit = max(V * C + (0 if mc.tie_embeddings else V * C), adapted_params(mc) // L) * w  # the root, or a block
     return Plan(
-        weights=weights,
+        weights=weights // N,
         # AdamW's exp_avg and exp_avg_sq, in the weights' dtype (on the host with offload)
-        optimizer=0 if optimizer_offload else 2 * trainable * trainable_bytes,
-        reference=reference,
+        optimizer=0 if optimizer_offload else 2 * trainable * trainable_bytes // N,
+        reference=reference // N,
         cast_weights=cast,
         kv_cache=2 * L * kv * T * kv_rows * a,               # K and V, every layer, kv head and position
         sampling=rollout_rows * V * (4 * 4 + (20 if top_p else 0)),
-        gradients=trainable * trainable_bytes,
+        gradients=trainable * trainable_bytes // N,
         saved_activations=saved,
         block_working=3 * block // 2 + scores,
         # the chunked log-softmax: a chunk's backward holds 6 [chunk, V] float32 buffers (logits, shifted, exp,
         # probabilities, product, scattered gradient; measured, LoRA) until the head's gradient is formed, then
         # 3 of them with it (full fine-tuning)
-        logprob_head=max(6 * chunk * V * 4, 3 * chunk * V * 4 + head), head_cast=head_cast)
+        logprob_head=max(6 * chunk * V * 4, 3 * chunk * V * 4 + head), head_cast=head_cast,
+        gathered_rollout=P * w if N > 1 else 0, gathered_update=3 * unit if N > 1 else 0)
 
 
 def offload_host_bytes(mc, lora_rank=0):
@@ -148,7 +157,8 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
         print(f"  {name:<18}{value / GiB:8.2f} GiB")
     print(f"  peak during rollouts {plan.rollout_peak / GiB:.1f} GiB, during the update {plan.update_peak / GiB:.1f} "
           f"GiB; 90% of the card is {0.9 * budget / GiB:.1f} GiB")
-    fixed = plan.static + plan.cast_weights + plan.head_cast + plan.gradients + plan.logprob_head
+    fixed = plan.static + plan.gathered_update + plan.cast_weights + plan.head_cast + plan.gradients \
+        + plan.logprob_head
     best = fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw)
     if fixed > 0.9 * budget:
         print(f"  does NOT fit whatever the batch: what the card holds at any batch (weights, gradients, AdamW "
@@ -163,6 +173,22 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
               if best else "  the update does NOT fit even at --micro_batch_size=1: lower --max_new_tokens")
     else:
         print(f"  fits; the largest micro_batch_size that fits is {best}")
+
+def print_gpu_counts(mc, gcfg, prompts_per_step, prompt_len, **kw):
+    """The peak per GPU on 1, 2, 4 and 8 GPUs, each taking its share of the rollouts: with DDP (the whole model on
+    every GPU) and, for full fine-tuning, with --fsdp (1/N of it)."""
+    print("  peak per GPU on N GPUs, DDP (whole model each) / --fsdp (1/N each):")
+    for n in (1, 2, 4, 8):
+        if prompts_per_step % n:
+            continue
+        rows = prompts_per_step * gcfg.group_size // n
+
+        def peak(ranks):
+            plan = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **{**kw, "fsdp_ranks": ranks})
+            return max(plan.rollout_peak, plan.update_peak) / GiB
+        fsdp = f"{peak(n):.1f} GiB" if n > 1 and not kw.get("lora_rank") and not kw.get("optimizer_offload") \
+            else "-"
+        print(f"    {n} GPU{'s' if n > 1 else ' '}: {peak(1):6.1f} GiB / {fsdp}")
 
 # -----------------------------------------------------------------------------
 # The measurement the plan is checked against

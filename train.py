@@ -55,7 +55,7 @@ from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
 from lora import add_lora, load_lora, lora_state_dict, without_adapters
-from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_plan
+from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_gpu_counts, print_plan
 from model import PRESETS, ModelConfig, Transformer, generate
 from offload import OffloadedAdamW
 from rewards import is_correct
@@ -92,6 +92,8 @@ class Config:
     lora_alpha: float = opt(0.0, "LoRA's alpha: the adapters' output is scaled by alpha / rank; 0 = 2 * lora_rank")
     optimizer_offload: bool = opt(False, "AdamW's state and update on the CPU (offload.py): full fine-tuning on a "
                                          "smaller GPU, for host memory and a slower step")
+    fsdp: bool = opt(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and AdamW state "
+                            "(distributed.py); full fine-tuning")
     decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
                                "CUDA graphs on CUDA; slower on CPU, README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
@@ -282,12 +284,15 @@ class Run:
     def save(self, name, phase=None, step=None, optimizer=None):
         """out_dir/name in Hugging Face layout; with an optimizer also state.pt (what --resume needs). Rank 0
         writes it (every rank holds the same weights and optimizer state); the others wait until it is on disk."""
+        model, adamw = self.model, None
+        if self.world.fsdp:  # every rank sends its shards; rank 0 gets the whole model and AdamW state
+            model, adamw = distributed.gathered(self.model, self.world, optimizer)
         if self.world.main:
-            state = None if optimizer is None else {"phase": phase, "step": step,
-                                                    "optimizer": optimizer.state_dict(), "rng": rng_state()}
+            state = None if optimizer is None else {"phase": phase, "step": step, "rng": rng_state(),
+                                                    "optimizer": adamw or optimizer.state_dict()}
             if state is not None and phase == "rl" and self.cfg.lora_rank:  # the weights saved are merged: keep
                 state["lora"] = lora_state_dict(self.model)                  # the adapters apart for --resume
-            save_checkpoint(os.path.join(self.cfg.out_dir, name), self.model, self.tok, self.cfg, self.gcfg, state)
+            save_checkpoint(os.path.join(self.cfg.out_dir, name), model, self.tok, self.cfg, self.gcfg, state)
         self.world.barrier()
 
     def save_or_stop(self, phase, step, optimizer):
@@ -312,7 +317,10 @@ class Run:
                                           weight_decay=self.cfg.weight_decay, fused=self.on_cuda)
         if state is None:
             return optimizer, 0
-        optimizer.load_state_dict(state["optimizer"])
+        if self.world.fsdp:
+            distributed.load_optimizer_state(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         return optimizer, state["step"]
 
@@ -355,13 +363,15 @@ def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1)
         budget = 80 * GiB
     rows = cfg.prompts_per_step * gcfg.group_size // ranks
     kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit,
-              lora_rank=cfg.lora_rank, optimizer_offload=cfg.optimizer_offload)
+              lora_rank=cfg.lora_rank, optimizer_offload=cfg.optimizer_offload,
+              fsdp_ranks=ranks if cfg.fsdp else 1)
     print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
     rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
     for card in (24, 48, 80):
         best = fitting_micro_batch(mc, gcfg, rows, prompt_len, card * GiB, **kw)
         ok = rollout_peak < 0.9 * card * GiB and best
         print(f"  on a {card} GB card: " + (f"fits at micro_batch_size <= {best}" if ok else "does not fit"))
+    print_gpu_counts(mc, gcfg, cfg.prompts_per_step, prompt_len, **kw)
 
 
 def dry_run(cfg, gcfg):
@@ -397,6 +407,22 @@ def check_world_size(cfg, size, state=None):
                              f"equal share of every step; pass a multiple of {size}")
 
 
+def check_fsdp(cfg, size):
+    """ValueError unless --fsdp can run: under torchrun, full fine-tuning, AdamW on the GPU."""
+    if cfg.fsdp and size == 1:
+        raise ValueError("--fsdp shards the model across torchrun's ranks; run it under torchrun "
+                         "--nproc_per_node=N (N >= 2), or drop --fsdp")
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401 (public from torch 2.6)
+        except ImportError:
+            raise ValueError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch "
+                             f"{torch.__version__}: upgrade torch, or drop --fsdp") from None
+    if cfg.fsdp and (cfg.lora_rank or cfg.optimizer_offload):
+        raise ValueError("--fsdp is for full fine-tuning with AdamW on the GPUs; drop --lora_rank or "
+                         "--optimizer_offload (each fits a model on one card instead)")
+
+
 def setup(argv, stop_requested):
     """-> (Run, the resumed state.pt or None). Bad input ends here with one line, before any work. Under torchrun
     every rank runs this alike (the same config, seeds and model) and joins the process group here."""
@@ -412,6 +438,7 @@ def setup(argv, stop_requested):
             dry_run(cfg, gcfg)
             raise SystemExit(0)
         check_world_size(cfg, world.size, state)
+        check_fsdp(cfg, world.size)
         if state and state["phase"] == "rl" and bool(cfg.lora_rank) != ("lora" in state):
             raise ValueError(f"--resume: {resume_from} was saved " + ("with" if "lora" in state else "without")
                              + " LoRA adapters; resume it with the --lora_rank it was run with")
@@ -431,6 +458,9 @@ def setup(argv, stop_requested):
         on_cuda = torch.device(device).type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed" if on_cuda else "fp32"
         model = build_model(cfg, resume_from, device, precision, state)
+        if cfg.fsdp:  # every rank built the whole model alike; each keeps its shard of it
+            world = dataclasses.replace(world, fsdp=True)
+            distributed.shard_model(model)
         mc = model.config
         if cfg.lora_rank > min(mc.dim, mc.n_kv_heads * mc.head_dim):
             raise ValueError(f"--lora_rank={cfg.lora_rank} is more than the narrowest adapted layer "
@@ -454,8 +484,9 @@ def setup(argv, stop_requested):
     run.cfg = cfg = dataclasses.replace(cfg, template=run.template)  # saved resolved: eval.py reads it
     print("config:", json.dumps({**dataclasses.asdict(cfg), **dataclasses.asdict(gcfg)}))
     if world.size > 1:
-        print(f"torchrun: {world.size} ranks ({'nccl' if run.on_cuda else 'gloo'}), each with the whole model; a "
-              f"step's problems, demonstrations and held-out problems are split among them, gradients summed")
+        print(f"torchrun: {world.size} ranks ({'nccl' if run.on_cuda else 'gloo'}), each with "
+              + ("1/N of the model (FSDP2)" if world.fsdp else "the whole model") + "; a step's problems, "
+              "demonstrations and held-out problems are split among them, gradients summed")
     mc = model.config
     print(f"model: {count_params(mc) / 1e6:.2f}M parameters, {mc.n_layers} layers, dim {mc.dim}, on {device} "
           f"({precision}); tokenizer n_vocab {tok.n_vocab}; template {run.template}; stop ids {run.stop_ids}")
@@ -526,6 +557,10 @@ def warmup_batch(cfg, step, tok, template, task, knobs, world=distributed.SINGLE
             tokens[i, :len(p) + len(c)] = torch.tensor(p + c)
             mask[i, len(p):len(p) + len(c)] = True
         micro_batches.append((tokens[:, :-1], tokens[:, 1:], mask[:, 1:]))  # position t predicts token t+1
+    if world.fsdp:  # each forward and backward is a collective there: as many micro-batches on every rank, the
+        inputs, targets, mask = micro_batches[0]  # extra ones a row with no loss token (a zero gradient)
+        micro_batches += [(inputs[:1], targets[:1], torch.zeros_like(mask[:1]))] * (
+            world.max(len(micro_batches)) - len(micro_batches))
     return micro_batches
 
 
@@ -581,7 +616,7 @@ def evaluate(run, step):
     torchrun each rank decodes its slice of the problems, and the metrics are computed from all of them."""
     problems = run.world.shard(run.test_problems)
     prompts = [run.tok.encode(run.task.render_prompt(p, run.template, run.tok)) for p in problems]
-    with run.autocast:
+    with run.autocast, distributed.unsharded(run.model, run.world):  # FSDP: weights gathered once, not per token
         completions = greedy(run.model, prompts, run.gcfg.max_new_tokens, run.stop_ids, run.tok.n_vocab,
                              run.cfg.eval_batch_size)
     texts = [run.tok.decode(c) for c in completions]
@@ -633,6 +668,8 @@ def rl_setup(run, state):
         ref_source = cfg.model_dir if cfg.init == "qwen" else os.path.join(cfg.out_dir, "warmup")
         ref_model = load_qwen(ref_source, run.device, torch.bfloat16 if run.on_cuda
                               else next(model.parameters()).dtype).eval().requires_grad_(False)
+        if world.fsdp:  # sharded like the policy (it only runs forwards, alongside the policy's)
+            distributed.shard_model(ref_model)
     print(f"RL: {cfg.rl_steps} steps x {cfg.prompts_per_step} prompts x {G} samples = {cfg.prompts_per_step * G} "
           f"rollouts per step in micro-batches of {gcfg.micro_batch_size}; max_new_tokens {gcfg.max_new_tokens}; "
           f"lr {cfg.lr}; eval on {len(run.test_problems)} held-out problems every {cfg.eval_every} steps"
@@ -666,7 +703,7 @@ def train_rl(run, state):
         prompts = [tok.encode(task.render_prompt(p, run.template, tok)) for p in problems]
         # ---- 2. rollouts: G samples per prompt, each cut after its first stop id; rows grouped by prompt
         # (under torchrun: this rank's rows of the step's batch, sampled as one process would sample them)
-        with run.autocast:
+        with run.autocast, distributed.unsharded(model, world):  # FSDP: gathered once for the whole rollout
             completions = generate(model, prompts, gcfg.max_new_tokens, temperature=gcfg.temperature,
                                    top_p=gcfg.top_p, stop_ids=run.stop_ids, seed=seed, num_samples=G,
                                    decode=cfg.decode, batch_rows=(world.rank * len(prompts) * G,

@@ -2,6 +2,7 @@
 batch; train.py under torchrun logs every row once, evaluates as one process does and resumes in one process; a
 batch that does not divide among the ranks stops with one line; eval.py under torchrun gives one process's results."""
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 import distributed
 import grpo
@@ -46,7 +48,8 @@ CASES = {  # name: (GRPOConfig overrides, rewards [P * G]); groups 0, 1 go to ra
 
 def grpo_step(case, world, groups):
     """A tiny model's grpo.update (two iterations, KL to a reference, clipping) on the rows of `groups` of a fixed
-    batch, with the world's normalisers and gradient sum -> (weights after the step, metrics)."""
+    batch, with the world's normalisers and gradient sum (or FSDP2's, world.fsdp) -> (weights after the step,
+    metrics)."""
     overrides, rewards = CASES[case]
     cfg = grpo.GRPOConfig(group_size=G, num_iterations=2, beta=0.02, micro_batch_size=3, max_new_tokens=10,
                           clip_eps_high=0.28, temperature=0.9, **overrides)
@@ -64,6 +67,9 @@ def grpo_step(case, world, groups):
     with torch.no_grad():  # a reference that differs from the policy, so that the KL term has a gradient
         for p in ref_model.parameters():
             p.mul_(0.9)
+    if world.fsdp:
+        distributed.shard_model(model)
+        distributed.shard_model(ref_model)
     # SGD, not AdamW: Adam's first step is lr * sign(g), which would turn float rounding in near-zero gradient
     # entries into differences of 2 lr
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -71,7 +77,8 @@ def grpo_step(case, world, groups):
     batch = grpo.micro_batches([row_prompts[i] for i in rows], [completions[i] for i in rows], rewards[rows],
                                advantages[rows], cfg, 0, {STOP}, world=world)
     metrics = grpo.update(model, optimizer, batch, cfg, ref_model, world=world)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # FSDP: the shards put together
+    return {k: whole(v).detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
 def as_rank(rank, port):
@@ -89,6 +96,8 @@ def rank_main(rank, port, out_dir):
     try:
         for i, case in enumerate(CASES):
             torch.save(grpo_step(case, world, world.shard(list(range(P)))), os.path.join(out_dir, f"{i}.{rank}.pt"))
+            torch.save(grpo_step(case, dataclasses.replace(world, fsdp=True), world.shard(list(range(P)))),
+                       os.path.join(out_dir, f"{i}.{rank}.fsdp.pt"))
     finally:
         distributed.close()
 
@@ -115,6 +124,15 @@ def test_two_ranks_take_the_step_of_one_process_on_the_whole_batch(tmp_path):
         for k, v in want_metrics.items():
             assert m0[k] == pytest.approx(v, rel=1e-6, abs=1e-7), f"{case}: {k}"
         assert m0["num_tokens"] == want_metrics["num_tokens"] > 0 and m0["skipped"] == 0
+        # FSDP2: each rank holds half of every weight, the backward sums the gradients into the halves; put
+        # together, the weights after the step are the same, and so are the metrics
+        for rank in (0, 1):
+            w, m = torch.load(tmp_path / f"{i}.{rank}.fsdp.pt")
+            for k in want:
+                torch.testing.assert_close(w[k], want[k], rtol=0, atol=1e-6, msg=f"{case}, FSDP: {k}")
+            assert m.keys() == want_metrics.keys()
+            for k, v in want_metrics.items():
+                assert m[k] == pytest.approx(v, rel=1e-6, abs=1e-7), f"{case}, FSDP: {k}"
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +220,42 @@ def test_torchrun_train_logs_once_evaluates_as_one_process_and_resumes_in_one(tm
     assert [(r["phase"], r["step"]) for r in resumed[30:]] == [
         ("eval", 0), ("rl", 0), ("eval", 1), ("rl", 1), ("eval", 2), ("rl", 2), ("eval", 3)]
     assert os.path.isfile(two / "final" / "model.safetensors")
+
+
+def test_torchrun_fsdp_trains_as_one_process_and_resumes_exactly(tmp_path):
+    """--fsdp: each rank holds half of every weight, gradient and AdamW moment; the warm-up, rollouts, updates and
+    evaluations are one process's, the saved final/ is a whole Hugging Face model, and a run stopped at RL step 2
+    and resumed under FSDP ends where one process's uninterrupted 3-step run ends."""
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    result = torchrun("train.py", RUN + ["--rl_steps=2", "--fsdp=true", f"--out_dir={fsdp}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1/N of the model (FSDP2)" in result.stdout
+    result = torchrun("train.py", RUN + ["--rl_steps=3", "--fsdp=true", "--resume", f"--out_dir={fsdp}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    train.main(RUN + ["--rl_steps=3", f"--out_dir={one}"])
+    want, have = (without_wall_clock(read_metrics(out)) for out in (one, fsdp))
+    assert [(r["phase"], r["step"]) for r in have] == [(r["phase"], r["step"]) for r in want]
+    for w, h in zip(want, have):
+        for key, value in w.items():
+            assert h[key] == (value if key == "eval_accuracy" or not isinstance(value, float) else
+                              pytest.approx(value, rel=1e-4, abs=1e-6)), f"{w['phase']} {w['step']}: {key}"
+    one_w, fsdp_w = (load_safetensors(out / "final" / "model.safetensors") for out in (one, fsdp))
+    assert one_w.keys() == fsdp_w.keys()  # whole tensors under the Hugging Face names, not shards
+    squared = lambda tensors: sum((t.double() ** 2).sum() for t in tensors)
+    assert (squared(one_w[k] - fsdp_w[k] for k in one_w) / squared(one_w.values())).sqrt() < 1e-5
+    for key, tensor in one_w.items():
+        assert fsdp_w[key].shape == tensor.shape and (fsdp_w[key] - tensor).norm() <= 1e-4 * tensor.norm(), key
+
+
+def test_fsdp_where_it_cannot_run_stops_with_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="^error: --fsdp shards the model across torchrun's ranks"):
+        train.main(TINY + ["--fsdp=true", f"--out_dir={tmp_path / 'run'}"])
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    for flag in ("--lora_rank=4", "--optimizer_offload=true"):
+        with pytest.raises(SystemExit, match="^error: --fsdp is for full fine-tuning with AdamW on the GPUs"):
+            train.main(TINY + ["--fsdp=true", flag, f"--out_dir={tmp_path / 'run'}"])
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_a_batch_that_does_not_divide_among_the_ranks_stops_with_one_line(tmp_path, monkeypatch):

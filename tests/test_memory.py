@@ -173,3 +173,23 @@ def test_the_gpu_acceptance_script_runs_end_to_end_at_a_tiny_shape_on_cpu():
     full, offload = peaks["update peak (full fine-tuning)"], peaks["update peak (--optimizer_offload)"]
     assert full[0] - offload[0] == pytest.approx(full[1] - offload[1], abs=0.11) and full[1] - offload[1] > 5
     assert "KV cache (torch.bfloat16)" in rows and float(rows["2 optimizer steps per batch: clip_frac"][1]) > 0
+
+
+def test_fsdp_plan_holds_a_shard_of_each_term_and_the_gathered_weights(tmp_path, capsys):
+    qwen3b = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
+                         qkv_bias=True, tie_embeddings=True, max_seq_len=32768)
+    P = 3_085_938_688
+    gcfg = grpo.GRPOConfig(group_size=8, max_new_tokens=1024, micro_batch_size=8, beta=0.001)
+    ddp, fsdp = (plan_rl_step(qwen3b, gcfg, 64, 150, 8, fsdp_ranks=n) for n in (1, 2))
+    # half of the float32 weights, gradients and both moments, and of the bf16 reference, on each of 2 ranks
+    assert (fsdp.weights, fsdp.gradients, fsdp.optimizer, fsdp.reference) == (2 * P, 2 * P, 4 * P, P)
+    # the rollouts gather every weight; the update two units and one unsharded gradient: the largest unit is
+    # the root, the 151,936 x 2048 embedding (tied head), bigger than a block's 77M weights
+    assert fsdp.gathered_rollout == 4 * P and fsdp.gathered_update == 3 * 151936 * 2048 * 4
+    assert ddp.gathered_rollout == ddp.gathered_update == 0 and fsdp.kv_cache == ddp.kv_cache
+    assert fsdp.update_peak < ddp.update_peak - 20 * 2**30
+    write_config(tmp_path / "qwen")
+    with pytest.raises(SystemExit):
+        train.main(["--init=qwen", f"--model_dir={tmp_path / 'qwen'}", "--dry_run", "--gpu_memory_gb=48"])
+    out = capsys.readouterr().out
+    assert "2 GPUs:   64.1 GiB / 41.7 GiB" in out and "8 GPUs:   64.1 GiB / 23.1 GiB" in out
