@@ -552,7 +552,9 @@ def cut_after_stop(rows, stop_ids):
 # finished rows are dropped. A compiled step wants the same shapes and no host reads every time. Here every step
 # attends over the whole preallocated cache, masked to the columns written so far; the column to write is a
 # tensor; finished rows stay in the batch (their tokens are discarded) and the host checks for the end every 8
-# steps only. The attention sums gain only masked (zero) terms, so the tokens are the eager loop's.
+# steps only, when the batch is also cut down to the next power of two that holds the rows still going (so a
+# compiled step sees a few batch sizes). The attention sums gain only masked (zero) terms, so the tokens are the
+# eager loop's.
 
 
 class StaticColumnCache:
@@ -601,20 +603,30 @@ def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperatur
             mode = "reduce-overhead" if logits.is_cuda else None
             _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
         step_fn = _compiled_decode_step
-    cache = StaticColumnCache(kv_cache)
+    cache, prefill_len = StaticColumnCache(kv_cache), kv_cache.length
     B = logits.shape[0]
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=logits.device)  # (B, max_new)
+    row_ids = torch.arange(B, device=logits.device)  # which output row each batch row writes
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     first, total = batch_rows
     for step in range(max_new_tokens):
-        u = uniforms(total, generator, logits.device)[first:first + B]    # (B,) the eager loop's uniforms
+        u = uniforms(total, generator, logits.device)[first + row_ids]    # (B,) the eager loop's uniforms
         next_token = sample_next_token(logits, None, temperature, top_p, u)  # (B,)
-        out[:, step] = next_token.masked_fill(finished, -1)  # a finished row writes nothing more
+        out[row_ids, step] = next_token.masked_fill(finished, -1)  # a finished row writes nothing more
         finished |= torch.isin(next_token, stop)
         if step == max_new_tokens - 1:
             break
-        if step % 8 == 7 and finished.all():  # a host sync every 8 steps, as in the eager loop
-            break
+        if step % 8 == 7:  # a host sync every 8 steps, as in the eager loop
+            alive = (~finished).nonzero().squeeze(-1)
+            if len(alive) == 0:
+                break
+            bucket = 1 << (len(alive) - 1).bit_length()  # the power of two that holds the rows still going
+            if bucket < len(row_ids):  # compact to it (a few batch sizes: a few compiled graphs), topped up
+                keep = torch.cat([alive, finished.nonzero().squeeze(-1)[:bucket - len(alive)]])  # with ended rows
+                kv_cache.length = prefill_len + step  # the columns written so far: select copies those
+                kv_cache.select(keep)
+                cache = StaticColumnCache(kv_cache)
+                row_ids, next_token, finished = row_ids[keep], next_token[keep], finished[keep]
         logits = step_fn(model, next_token, cache, vocab_limit)
         if compiled and logits.is_cuda:
             logits = logits.clone()  # CUDA graphs reuse their output buffer on the next replay

@@ -2,6 +2,7 @@
 (a full forward without cache, a naive argmax loop, a row run alone, the reference sampler, exact probabilities)."""
 import dataclasses
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -320,7 +321,10 @@ def test_static_decode_gives_the_eager_loops_tokens(temperature, top_p):
     stop = {free[0][3], free[3][9], free[6][12]}  # rows end at several steps, so the eager loop drops some
     eager = generate(model, prompts, 24, stop_ids=stop, **kw)
     assert len(set(map(len, eager))) > 2 and min(map(len, eager)) < 24
-    assert generate(model, prompts, 24, stop_ids=stop, decode="static", **kw) == eager
+    sizes, select = [], KVCache.select
+    with patch.object(KVCache, "select", lambda cache, rows: (sizes.append(len(rows)), select(cache, rows))):
+        assert generate(model, prompts, 24, stop_ids=stop, decode="static", **kw) == eager
+    assert sizes[0] == 9 and all(n in (1, 2, 4, 8) for n in sizes[1:]) and len(sizes) > 1  # cut to powers of two
 
 
 @pytest.mark.parametrize("decode", ["eager", "static"])
