@@ -171,7 +171,7 @@ def test_the_gpu_acceptance_script_runs_end_to_end_at_a_tiny_shape_on_cpu():
         assert planned == pytest.approx(measured, rel=0.2), name
     # offload takes AdamW's state off the device: planned and measured both drop by it (~8 bytes a weight)
     full, offload = peaks["update peak (full fine-tuning)"], peaks["update peak (--optimizer_offload)"]
-    assert full[0] - offload[0] == pytest.approx(full[1] - offload[1], abs=0.11) and full[1] - offload[1] > 5
+    assert full[0] - offload[0] == pytest.approx(full[1] - offload[1], abs=0.11) and full[1] - offload[1] > 2
     assert "KV cache (torch.bfloat16)" in rows and float(rows["2 optimizer steps per batch: clip_frac"][1]) > 0
 
 
