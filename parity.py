@@ -217,7 +217,7 @@ def reward(response, problem):
 
 KNOBS = ("n_bits", "leap")  # train.Config fields passed as keywords to problem_stream, test_set, sample_demonstration
 RUN_DEFAULTS = dict(  # the headline run on 2 CPU cores (README), under the command line; one thread: for a
-    # 0.4M-parameter model more threads only add synchronisation, and they stall when the machine is busy
-    threads=1, n_bits=16, p_long=0.1, dim=128, n_layers=2, warmup_steps=2000, warmup_batch_size=64, warmup_lr=1e-3,
-    max_new_tokens=40, warmup_seq_len=80, rl_steps=60, prompts_per_step=16, group_size=8, lr=3e-4,
+    # 0.8M-parameter model more threads only add synchronisation, and they stall when the machine is busy
+    threads=1, n_bits=16, p_long=0.1, dim=256, n_layers=1, warmup_steps=2000, warmup_batch_size=64, warmup_lr=5e-4,
+    weight_decay=1.0, max_new_tokens=40, warmup_seq_len=80, rl_steps=60, prompts_per_step=16, group_size=8, lr=3e-4,
     eval_size=500, eval_batch_size=500, eval_every=1, sample_every=10, micro_batch_size=64)

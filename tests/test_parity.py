@@ -103,6 +103,8 @@ TINY = ["--task=parity", "--n_bits=8", "--dim=64", "--eval_size=8", "--eval_batc
 def test_parity_defaults_apply_under_the_command_line():
     cfg, gcfg = train.resolve_config({"task": "parity"}, "cpu")
     assert (cfg.n_bits, cfg.p_long, cfg.leap, gcfg.max_new_tokens) == (16, 0.1, 1, 40)
+    # the headline's model and warm-up (README: one layer of dim 256, 2,000 steps at lr 5e-4, weight decay 1.0)
+    assert (cfg.dim, cfg.n_layers, cfg.warmup_steps, cfg.warmup_lr, cfg.weight_decay) == (256, 1, 2000, 5e-4, 1.0)
     cfg, _ = train.resolve_config({"task": "parity", "p_long": 0.3, "n_bits": 12}, "cpu")
     assert (cfg.p_long, cfg.n_bits) == (0.3, 12)
     default, gdefault = train.resolve_config({}, "cpu")   # countdown: the Config defaults, untouched
