@@ -150,10 +150,20 @@ def gpu_acceptance(device):
     plan = plan_rl_step(mc, gcfg, P * G, prompt_len, gcfg.micro_batch_size, lora_rank=16, **plan_kw)
     rows += [("rollout peak (--lora_rank=16)", plan.rollout_peak, rollout_peak),
              ("update peak (--lora_rank=16)", plan.update_peak, update_peak)]
+    print_memory_table(rows, metrics)
+    kernel_and_decode_checks(policy, prompts, autocast, device)
+
+def print_memory_table(rows, metrics):
+    """The table's memory rows (name, planned bytes, measured bytes) and item 1's check."""
     print(f"| {'check':<40} | {'planned':>13} | {'measured':>13} |\n|{'-' * 42}|{'-' * 15}|{'-' * 15}|")
     for name, planned, measured in rows:
         print(f"| {name:<40} | {planned / 2**20:9.1f} MiB | {measured / 2**20:9.1f} MiB |")
     print(f"| {'2 optimizer steps per batch: clip_frac':<40} | {'> 0':>13} | {metrics['clip_frac']:13.4f} |")
+
+
+def kernel_and_decode_checks(policy, prompts, autocast, device):
+    """Masked attention on the intended SDPA kernel, and on CUDA the compiled decode against the eager loop."""
+    on_cuda = device.type == "cuda"
     # masked attention (ragged rows, training) on the intended SDPA kernel only: a fallback raises here
     backend = SDPBackend.EFFICIENT_ATTENTION if on_cuda else SDPBackend.FLASH_ATTENTION
     tokens = torch.randint(0, 2000, (2, 64), device=device)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model import Transformer
+from model import transformer_on
 
 
 @dataclass(frozen=True)
@@ -193,13 +193,7 @@ def gathered(model, world, optimizer=None):
                  "param_groups": saved["param_groups"]}
     if not world.main:
         return None, None
-    with torch.device("meta"):
-        plain = Transformer(model.config)
-    plain.load_state_dict(weights, assign=True)
-    if model.config.tie_embeddings:
-        plain.lm_head.weight = plain.embed_tokens.weight
-    plain.vocab_limit = model.vocab_limit
-    return plain, adamw
+    return transformer_on(model.config, weights, model.vocab_limit), adamw
 
 
 def load_optimizer_state(optimizer, saved):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer
+from model import transformer_on
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block's Linears
 
@@ -99,11 +99,5 @@ def merged_state_dict(model):
 def without_adapters(model):
     """A plain Transformer on the same frozen tensors as a LoRA model (nothing copied): the base model, e.g. the
     KL reference of a LoRA run."""
-    with torch.device("meta"):
-        base = Transformer(model.config)
     frozen = {name: t for name, t in model.state_dict(keep_vars=True).items() if ".lora_" not in name}
-    base.load_state_dict(frozen, assign=True)  # assign: takes the Parameters themselves
-    if model.config.tie_embeddings:
-        base.lm_head.weight = base.embed_tokens.weight
-    base.vocab_limit = model.vocab_limit
-    return base.requires_grad_(False).eval()
+    return transformer_on(model.config, frozen, model.vocab_limit).requires_grad_(False).eval()

@@ -358,6 +358,18 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, V) in the weights' dtype."""
         return self.lm_head(self.hidden_states(tokens, kv_cache, attention_mask))
 
+def transformer_on(config, tensors, vocab_limit):
+    """A Transformer holding `tensors` (a state dict) themselves, nothing copied, the tied head re-tied, e.g.
+    a LoRA model's frozen base (lora.without_adapters) or an FSDP model's gathered weights."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(tensors, assign=True)  # assign: takes the tensors, does not copy into new ones
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.vocab_limit = vocab_limit
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Sampling: the plain reference versions first, then the fast ones that generate() uses (tested against them)
 

@@ -23,7 +23,7 @@ class OffloadedAdamW:
     "lr" there), zero_grad(), step(), state_dict(), load_state_dict()."""
 
     def __init__(self, params, **adamw_kwargs):
-        self.params = [p for p in params]
+        self.params = list(params)
         pin = any(p.is_cuda for p in self.params)  # pinned host memory only exists with CUDA
         host = lambda p: torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
         self.host_params = [host(p).copy_(p.detach()).requires_grad_() for p in self.params]

@@ -409,16 +409,17 @@ def check_world_size(cfg, size, state=None):
 
 def check_fsdp(cfg, size):
     """ValueError unless --fsdp can run: under torchrun, full fine-tuning, AdamW on the GPU."""
-    if cfg.fsdp and size == 1:
+    if not cfg.fsdp:
+        return
+    if size == 1:
         raise ValueError("--fsdp shards the model across torchrun's ranks; run it under torchrun "
                          "--nproc_per_node=N (N >= 2), or drop --fsdp")
-    if cfg.fsdp:
-        try:
-            from torch.distributed.fsdp import fully_shard  # noqa: F401 (public from torch 2.6)
-        except ImportError:
-            raise ValueError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch "
-                             f"{torch.__version__}: upgrade torch, or drop --fsdp") from None
-    if cfg.fsdp and (cfg.lora_rank or cfg.optimizer_offload):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401 (public from torch 2.6)
+    except ImportError:
+        raise ValueError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch "
+                         f"{torch.__version__}: upgrade torch, or drop --fsdp") from None
+    if cfg.lora_rank or cfg.optimizer_offload:
         raise ValueError("--fsdp is for full fine-tuning with AdamW on the GPUs; drop --lora_rank or "
                          "--optimizer_offload (each fits a model on one card instead)")
 
