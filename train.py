@@ -114,8 +114,10 @@ class Config:
     # RL
     rl_steps: int = opt(30, "GRPO steps")
     prompts_per_step: int = opt(16, "distinct problems per step (times group_size completions)")
-    lr: float = opt(3e-4, "AdamW lr for RL (constant after lr_warmup_steps); 6e-4 is unstable, 1e-3 babbles")
+    lr: float = opt(3e-4, "AdamW lr for RL (after lr_warmup_steps); 6e-4 is unstable, 1e-3 babbles")
     lr_warmup_steps: int = opt(3, "linear lr warm-up at the start of RL (Adam's first steps are full-size)")
+    decay_lr: bool = opt(False, "after lr_warmup_steps, cosine-decay the RL lr to 10% at rl_steps (the warm-up's "
+                                "schedule); off: constant")
     weight_decay: float = opt(0.0, "AdamW weight decay (both phases)")
     eval_every: int = opt(10, "held-out greedy eval every N RL steps (and at the first and last)")
     sample_every: int = opt(10, "print a few decoded completions every N RL steps")
@@ -719,7 +721,7 @@ def train_rl(run, state):
         all_rewards = torch.tensor(world.gather(rewards.tolist()), dtype=torch.float32)         # [N] the batch
         advantages = world.shard(grpo.group_advantages(all_rewards, G, gcfg.scale_rewards, gcfg.adv_eps))
         # ---- 5. the loss, its backward and the optimizer step (num_iterations of them) on micro-batches
-        lr = lr_at(step, 0, cfg.lr, cfg.lr_warmup_steps)
+        lr = lr_at(step, cfg.rl_steps if cfg.decay_lr else 0, cfg.lr, cfg.lr_warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # normalisers over all ranks' rows, gradients summed over ranks: the step of one process on the whole batch

@@ -105,6 +105,8 @@ def test_parity_defaults_apply_under_the_command_line():
     assert (cfg.n_bits, cfg.p_long, cfg.leap, gcfg.max_new_tokens) == (16, 0.1, 1, 40)
     # the headline's model and warm-up (README: one layer of dim 256, 2,000 steps at lr 5e-4, weight decay 1.0)
     assert (cfg.dim, cfg.n_layers, cfg.warmup_steps, cfg.warmup_lr, cfg.weight_decay) == (256, 1, 2000, 5e-4, 1.0)
+    # and its RL: 100 steps at lr 1e-4, cosine-decayed (README: constant 3e-4 broke runs)
+    assert (cfg.rl_steps, cfg.lr, cfg.decay_lr) == (100, 1e-4, True)
     cfg, _ = train.resolve_config({"task": "parity", "p_long": 0.3, "n_bits": 12}, "cpu")
     assert (cfg.p_long, cfg.n_bits) == (0.3, 12)
     default, gdefault = train.resolve_config({}, "cpu")   # countdown: the Config defaults, untouched
@@ -113,10 +115,13 @@ def test_parity_defaults_apply_under_the_command_line():
 
 def test_a_tiny_parity_run_end_to_end(tmp_path):
     out = str(tmp_path / "run")
-    train.main(TINY + [f"--out_dir={out}"])
+    train.main(TINY + [f"--out_dir={out}", "--lr_warmup_steps=1"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [(r["phase"], r["step"]) for r in rows if r["phase"] != "warmup"] == \
         [("eval", 0), ("rl", 0), ("eval", 1), ("rl", 1), ("eval", 2)]
+    # the parity default decays the RL lr: step 0 ends the 1-step warm-up at the peak, step 1 of 2 is half-way
+    # down the cosine to 10%: 1e-4 * (0.1 + 0.9 * (1 + cos(pi / 2)) / 2) = 0.55e-4
+    assert [r["lr"] for r in rows if r["phase"] == "rl"] == pytest.approx([1e-4, 0.55e-4], rel=1e-12)
     kept = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
     assert kept and all(len(r["problem"]["bits"]) == 8 for r in kept)
     for r in kept:  # the reward, worked independently: the last value written must be the parity
