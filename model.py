@@ -309,6 +309,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        self.compile_blocks = False  # forwards without a KV cache (training, scoring) run compiled_block
         # ids < vocab_limit are real tokens; generate and the log-probs never look past them. Qwen pads its
         # embedding past the vocabulary (151,936 rows, 151,665 ids): load_qwen sets the tokenizer's count here.
         self.vocab_limit = config.vocab_size
@@ -345,11 +346,12 @@ class Transformer(nn.Module):
         attn_mask, is_causal = make_attention_mask(mask, kv_cache, T, device)
         cos, sin = rope_cos_sin(positions, self.config, compute_dtype(self))  # q and k stay bf16 under autocast
         x = self.embed_tokens(tokens)                                         # (B, T, C)
+        block = compiled_block() if self.compile_blocks and kv_cache is None else Block.__call__
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, layer, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
+                x = block(layer, x, cos, sin, attn_mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(mask, T)  # the one place the cache's positions move forward
         return self.norm(x)
@@ -357,6 +359,19 @@ class Transformer(nn.Module):
     def forward(self, tokens, kv_cache=None, attention_mask=None):
         """tokens (B, T) -> logits (B, T, V) in the weights' dtype."""
         return self.lm_head(self.hidden_states(tokens, kv_cache, attention_mask))
+
+_compiled_block = None
+
+
+def compiled_block():
+    """Block.__call__ under torch.compile with dynamic shapes: one graph (forward and backward) serves every
+    layer, batch and length, with one more for each kind of mask (none, padding). The fast path of the training
+    forwards (Transformer.compile_blocks, --compile); the eager Block is the reference it is tested against."""
+    global _compiled_block
+    if _compiled_block is None:
+        _compiled_block = torch.compile(Block.__call__, dynamic=True)
+    return _compiled_block
+
 
 def transformer_on(config, tensors, vocab_limit):
     """A Transformer holding `tensors` (a state dict) themselves, nothing copied, the tied head re-tied, e.g.

@@ -94,6 +94,8 @@ class Config:
                                          "smaller GPU, for host memory and a slower step")
     fsdp: bool = opt(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and AdamW state "
                             "(distributed.py); full fine-tuning")
+    compile: bool = opt(False, "the training forwards (warm-up, GRPO's log-probs) run each block under torch.compile "
+                               "(model.compiled_block); a minute or more to compile first (README: when it pays)")
     decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
                                "CUDA graphs on CUDA; slower on CPU, README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
@@ -424,6 +426,8 @@ def check_fsdp(cfg, size):
     if cfg.lora_rank or cfg.optimizer_offload:
         raise ValueError("--fsdp is for full fine-tuning with AdamW on the GPUs; drop --lora_rank or "
                          "--optimizer_offload (each fits a model on one card instead)")
+    if cfg.compile:
+        raise ValueError("--compile is not tested with --fsdp's hooks on every block; drop one of them")
 
 
 def setup(argv, stop_requested):
@@ -481,6 +485,7 @@ def setup(argv, stop_requested):
         sys.stdout.reconfigure(line_buffering=True)
     model.train()
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.compile_blocks = cfg.compile
     cfg = dataclasses.replace(cfg, device=device, precision=precision,
                               warmup_seq_len=cfg.warmup_seq_len or gcfg.max_new_tokens)
     run = Run(cfg, gcfg, device, model, tok, test_problems, stop_requested, world)

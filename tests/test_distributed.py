@@ -255,6 +255,8 @@ def test_fsdp_where_it_cannot_run_stops_with_one_line(tmp_path, monkeypatch):
     for flag in ("--lora_rank=4", "--optimizer_offload=true"):
         with pytest.raises(SystemExit, match="^error: --fsdp is for full fine-tuning with AdamW on the GPUs"):
             train.main(TINY + ["--fsdp=true", flag, f"--out_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit, match="^error: --compile is not tested with --fsdp's hooks"):
+        train.main(TINY + ["--fsdp=true", "--compile=true", f"--out_dir={tmp_path / 'run'}"])
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
