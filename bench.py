@@ -73,6 +73,122 @@ def peak_of(fn, device):
     return result, live.peak
 
 
+# -----------------------------------------------------------------------------
+# The roofline: the device's two ceilings, measured in the same run, against what one step needs
+
+
+def best_time(fn, device, repeats=5):
+    """The best of `repeats` timings of fn() in seconds, after one untimed call (GPU work is synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def device_limits(device, dtype):
+    """-> (bytes/s of a large copy, FLOP/s of a large matmul), in dtype: measured, not read off a data sheet."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 512 MiB of bf16 on a GPU, 128 MiB of float32 on CPU
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * src.element_size() / best_time(lambda: dst.copy_(src), device)  # read + write
+    k = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(k, k, device=device).to(dtype), torch.randn(k, k, device=device).to(dtype)
+    return bandwidth, 2 * k ** 3 / best_time(lambda: a @ b, device)
+
+
+def matmul_weights(model):
+    """The weights every token multiplies by (each Linear once: a tied head counts the embedding once)."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def decode_step_cost(model, batch, context):
+    """One decode step of `batch` rows over `context` cached positions -> (bytes read, FLOPs). Bytes: every matmul
+    weight once (the embedding lookup reads `batch` rows only) and the whole KV cache. FLOPs: 2 per weight per
+    row, plus q.k and p.v, 4 x n_heads x head_dim x context per layer and row."""
+    c, weights = model.config, matmul_weights(model)
+    itemsize = model_module.compute_dtype(model).itemsize
+    kv_bytes = 2 * c.n_layers * batch * context * c.n_kv_heads * c.head_dim * itemsize
+    flops = batch * (2 * sum(w.numel() for w in weights) + 4 * c.n_layers * c.n_heads * c.head_dim * context)
+    return sum(w.numel() * itemsize for w in weights) + kv_bytes, flops
+
+
+def training_flops_per_token(model, seq_len):
+    """PaLM's model FLOPs per token (Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with N the matmul
+    weights, L layers, H heads of width Q and T the sequence length (forward and backward, no recompute)."""
+    c = model.config
+    return 6 * sum(w.numel() for w in matmul_weights(model)) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+def training_tokens_per_s(model, rows, seq_len, autocast, device):
+    """Forward, cross-entropy and backward of `rows` x `seq_len` random tokens (the warm-up's step without the
+    optimizer) -> tokens/s, best of 3."""
+    tokens = torch.randint(0, model.config.vocab_size, (rows, seq_len + 1), device=device)
+
+    def step():
+        with autocast:
+            logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    model.train()
+    rate = rows * seq_len / best_time(step, device, repeats=3)
+    model.zero_grad(set_to_none=True)
+    return rate
+
+
+def roofline_row(model, batch, context, decode_tok_s, limits):
+    """'step ms | roofline ms (bound) | % of it' for a decode measured at decode_tok_s generated tokens/s."""
+    step = batch / decode_tok_s
+    nbytes, flops = decode_step_cost(model, batch, context)
+    memory_time, compute_time = nbytes / limits[0], flops / limits[1]
+    bound = "bandwidth" if memory_time >= compute_time else "compute"
+    return (f"{step * 1e3:.3f} ms | {max(memory_time, compute_time) * 1e3:.4f} ms ({bound}) | "
+            f"{100 * max(memory_time, compute_time) / step:.1f}%")
+
+
+def throughput_table(mc, device, batch_sizes, modes, prompt_len, new_tokens, limits, compiled_batches):
+    """Decode and prefill tokens/s of a random-weight model of config mc at each batch size and decode mode
+    (compiled only at compiled_batches: each batch size compiles its own step), each decode step against its
+    roofline, and the training step's tokens/s and MFU."""
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = Transformer(mc).to(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32).eval()
+    n = sum(w.numel() for w in matmul_weights(model))
+    print(f"\n{n / 1e6:.0f}M matmul weights ({mc.dim} dim, {mc.n_layers} layers), "
+          f"{model_module.compute_dtype(model)}, prompts of {prompt_len} tokens, {new_tokens} new")
+    print("| batch | decode | prefill tok/s | decode tok/s | decode step | roofline step | of roofline |\n"
+          "|---|---|---|---|---|---|---|")
+    for batch in batch_sizes:
+        prompts = torch.randint(0, mc.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+        for mode in modes:
+            if mode == "compiled" and batch not in compiled_batches:
+                continue
+            run = lambda n_new: generate(model, prompts.tolist(), n_new, temperature=1.0, seed=0, decode=mode)
+            prefill = best_time(lambda: run(1), device, repeats=2)
+            full = best_time(lambda: run(new_tokens), device, repeats=2)
+            decode_tok_s = batch * (new_tokens - 1) / max(full - prefill, 1e-9)
+            context = prompt_len + new_tokens // 2  # the mean cached length over the decode
+            print(f"| {batch} | {mode} | {batch * prompt_len / prefill:.0f} | {decode_tok_s:.1f} | "
+                  f"{roofline_row(model, batch, context, decode_tok_s, limits)} |")
+    print_training_step(model.float(), (8, 512) if on_cuda else (4, 64), device, limits)
+
+
+def print_training_step(model, shape, device, limits):
+    """train.py's training step (float32 weights, bf16 autocast on CUDA) at rows x length = shape: tokens/s and
+    MFU against the matmul peak measured in limits."""
+    rows, seq_len = shape
+    on_cuda = device.type == "cuda"
+    rate = training_tokens_per_s(model, rows, seq_len, torch.autocast(device.type, torch.bfloat16, enabled=on_cuda),
+                                 device)
+    mfu = rate * training_flops_per_token(model, seq_len) / limits[1]
+    print(f"training step ({rows} x {seq_len} tokens, forward + backward): {rate:.0f} tokens/s, MFU {100 * mfu:.2f}% "
+          f"of the measured {'bf16' if on_cuda else 'float32'} matmul peak")
+
+
 def gpu_acceptance(device):
     on_cuda = device.type == "cuda"
     mc = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
@@ -206,6 +322,18 @@ if args.gpu:
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     gpu_acceptance(gpu_device)
+    on_cuda = gpu_device.type == "cuda"
+    if on_cuda:
+        torch.cuda.empty_cache()
+    limits = device_limits(gpu_device, torch.bfloat16 if on_cuda else torch.float32)
+    print(f"\nmeasured ceilings: copy {limits[0] / 1e9:.6g} GB/s, matmul {limits[1] / 1e9:.6g} GFLOP/s")
+    if on_cuda:  # the two Qwen2.5 shapes in bf16; compiled (CUDA graphs) at the launch- and bandwidth-bound ends
+        for name in ("qwen2.5-0.5b", "qwen2.5-3b"):
+            throughput_table(model_module.PRESETS[name], gpu_device, (1, 16, 64, 128), ("eager", "compiled"), 64,
+                             128, limits, compiled_batches=(1, 128))
+    else:  # a tiny shape, static decode in place of compiled (the same loop without the compile)
+        throughput_table(ModelConfig(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352,
+                                     max_seq_len=512), gpu_device, (1, 4), ("eager", "static"), 8, 8, limits, ())
     raise SystemExit(0)
 
 if args.threads:
@@ -219,6 +347,8 @@ model = Transformer(config).to(device=device, dtype=dtype).eval()
 n_params = sum(p.numel() for p in model.parameters())
 print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, {n_params / 1e6:.1f}M parameters, prompt "
       f"{args.prompt_len} tokens, {args.new_tokens} new tokens")
+limits = device_limits(device, dtype)
+print(f"measured ceilings: copy {limits[0] / 1e9:.6g} GB/s, matmul {limits[1] / 1e9:.6g} GFLOP/s")
 
 
 def timed(fn):
@@ -279,6 +409,11 @@ for batch in args.batch_sizes:
         (_, ours_decode, ours_total), (_, hf_decode, hf_total) = result["ours"], result["HF"]
         line += f" | ours/HF: total {hf_total / ours_total:.2f}x, decode {ours_decode / hf_decode:.2f}x"
     print(line, flush=True)
+    for name, (_, decode, _) in result.items():
+        if name != "HF":  # each decode step against the roofline: step | roofline step (bound) | share
+            context = args.prompt_len + args.new_tokens // 2
+            print(f"    {name} decode step: {roofline_row(model, batch, context, decode, limits)} of roofline")
+print_training_step(model.float(), (4, 128), device, limits)
 
 if not args.no_load:
     # peak RSS of load_qwen in a fresh process (VmHWM: ru_maxrss would inherit the parent's peak across fork),

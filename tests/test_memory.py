@@ -4,6 +4,7 @@ top-p. And `train.py --dry_run` on a config.json alone."""
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -173,6 +174,24 @@ def test_the_gpu_acceptance_script_runs_end_to_end_at_a_tiny_shape_on_cpu():
     full, offload = peaks["update peak (full fine-tuning)"], peaks["update peak (--optimizer_offload)"]
     assert full[0] - offload[0] == pytest.approx(full[1] - offload[1], abs=0.11) and full[1] - offload[1] > 2
     assert "KV cache (torch.bfloat16)" in rows and float(rows["2 optimizer steps per batch: clip_frac"][1]) > 0
+    # the throughput table's roofline, recomputed from the tiny shape's weights counted by hand: per layer q, o
+    # 128 x 128, k, v 64 x 128, gate, up, down 3 x 128 x 352; 2 layers; the tied head 2,048 x 128
+    out = run.stdout
+    bandwidth, peak = (float(x) * 1e9 for x in re.search(r"copy ([\d.]+) GB/s, matmul ([\d.]+) GFLOP/s", out).groups())
+    weights = 2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 128 * 352) + 2048 * 128                 # 630,784
+    decode = re.findall(r"^\| (\d+) \| (eager|static) \| \d+ \| [\d.]+ \| ([\d.]+) ms \| ([\d.]+) ms \((\w+)\) \| "
+                        r"([\d.]+)% \|$", out, re.M)
+    assert sorted((int(b), mode) for b, mode, *_ in decode) == [(1, "eager"), (1, "static"), (4, "eager"), (4, "static")]
+    for batch, mode, step_ms, roofline_ms, bound, share in decode:
+        batch, context = int(batch), 8 + 8 // 2   # the mean cached length: prompt 8, 8 new tokens
+        nbytes = 4 * weights + 4 * 2 * 2 * batch * context * 2 * 32   # float32; K and V, 2 layers, 2 kv heads of 32
+        flops = batch * (2 * weights + 4 * 2 * 4 * 32 * context)
+        assert float(roofline_ms) == pytest.approx(1e3 * max(nbytes / bandwidth, flops / peak), rel=1e-3)
+        assert bound == ("bandwidth" if nbytes / bandwidth > flops / peak else "compute")
+        assert float(share) == pytest.approx(100 * float(roofline_ms) / float(step_ms), abs=0.1)
+    rate, mfu = re.search(r"\(4 x 64 tokens, forward \+ backward\): (\d+) tokens/s, MFU ([\d.]+)%", out).groups()
+    per_token = 6 * weights + 12 * 2 * 4 * 32 * 64   # PaLM's 6 N + 12 L H Q T
+    assert float(mfu) == pytest.approx(100 * int(rate) * per_token / peak, rel=1e-3, abs=0.01)
 
 
 def test_fsdp_plan_holds_a_shard_of_each_term_and_the_gathered_weights(tmp_path, capsys):
