@@ -120,7 +120,8 @@ def decode_step_cost(model, batch, context):
 
 def training_flops_per_token(model, seq_len):
     """PaLM's model FLOPs per token (Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with N the matmul
-    weights, L layers, H heads of width Q and T the sequence length (forward and backward, no recompute)."""
+    weights, L layers, H heads of width Q and T the sequence length (forward and backward; a checkpointed
+    block's recompute is not counted, so it lowers the MFU)."""
     c = model.config
     return 6 * sum(w.numel() for w in matmul_weights(model)) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
@@ -174,7 +175,9 @@ def throughput_table(mc, device, batch_sizes, modes, prompt_len, new_tokens, lim
             context = prompt_len + new_tokens // 2  # the mean cached length over the decode
             print(f"| {batch} | {mode} | {batch * prompt_len / prefill:.0f} | {decode_tok_s:.1f} | "
                   f"{roofline_row(model, batch, context, decode_tok_s, limits)} |")
-    print_training_step(model.float(), (8, 512) if on_cuda else (4, 64), device, limits)
+    model = model.float()
+    model.gradient_checkpointing = on_cuda  # as train.py's qwen defaults: a 3B step's activations then fit 80 GB
+    print_training_step(model, (8, 512) if on_cuda else (4, 64), device, limits)
 
 
 def print_training_step(model, shape, device, limits):
