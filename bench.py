@@ -19,8 +19,12 @@ optimizer steps on the batch) of a random-weight Qwen2.5-3B-shaped model, and on
 rollout and update peaks against torch.cuda.max_memory_allocated (LiveBytes on CPU), the KV cache's dtype and
 size, and whether the second optimizer step saw the first one's weights (its weights against a run with
 autocast's cast cache off); then the update peak with --optimizer_offload (AdamW on the host) and both peaks with
---lora_rank=16, on the same weights. On CPU the model and batch are tiny, so that the script cannot crash on its first GPU
-run.
+--lora_rank=16, on the same weights. Then the throughput table below for Qwen2.5-0.5B- and 3B-shaped models in
+bf16. On CPU the model and batch are tiny, so that the script cannot crash on its first GPU run.
+
+Both modes also measure the device's two ceilings (a large copy's bandwidth, a large matmul's rate) and print each
+decode step against its roofline (every matmul weight and the KV cache read once, or its FLOPs, whichever takes
+longer), and the training step's tokens/s and MFU.
 """
 import os
 import shutil
@@ -77,18 +81,20 @@ def peak_of(fn, device):
 # The roofline: the device's two ceilings, measured in the same run, against what one step needs
 
 
-def best_time(fn, device, repeats=5):
-    """The best of `repeats` timings of fn() in seconds, after one untimed call (GPU work is synchronised)."""
+def timed(fn, device):
+    """fn()'s wall time in seconds; GPU work runs asynchronously, so it is synchronised before and after."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    sync()
+    return time.perf_counter() - t0
+
+
+def best_time(fn, device, repeats=5):
+    """The best of `repeats` timings of fn() in seconds, after one untimed call."""
+    fn()
+    return min(timed(fn, device) for _ in range(repeats))
 
 
 def device_limits(device, dtype):
@@ -192,11 +198,16 @@ def print_training_step(model, shape, device, limits):
           f"of the measured {'bf16' if on_cuda else 'float32'} matmul peak")
 
 
+# --gpu --device=cpu: a shape small enough for the test suite, so that the script cannot crash on its first GPU run
+TINY_CPU_SHAPE = ModelConfig(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352,
+                             max_seq_len=512)
+
+
 def gpu_acceptance(device):
     on_cuda = device.type == "cuda"
     mc = ModelConfig(vocab_size=151936, dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, ffn_dim=11008,
                      qkv_bias=True, tie_embeddings=True, max_seq_len=32768) if on_cuda else \
-        ModelConfig(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
+        TINY_CPU_SHAPE
     P, G, prompt_len, new = (16, 8, 150, 1024) if on_cuda else (2, 4, 20, 12)
     gcfg = grpo.GRPOConfig(group_size=G, max_new_tokens=new, micro_batch_size=8 if on_cuda else 4, beta=0.001,
                            num_iterations=2, clip_eps_low=1e-3, clip_eps_high=1e-3)
@@ -272,6 +283,7 @@ def gpu_acceptance(device):
     print_memory_table(rows, metrics)
     kernel_and_decode_checks(policy, prompts, autocast, device)
 
+
 def print_memory_table(rows, metrics):
     """The table's memory rows (name, planned bytes, measured bytes) and item 1's check."""
     print(f"| {'check':<40} | {'planned':>13} | {'measured':>13} |\n|{'-' * 42}|{'-' * 15}|{'-' * 15}|")
@@ -335,8 +347,7 @@ if args.gpu:
             throughput_table(model_module.PRESETS[name], gpu_device, (1, 16, 64, 128), ("eager", "compiled"), 64,
                              128, limits, compiled_batches=(1, 128))
     else:  # a tiny shape, static decode in place of compiled (the same loop without the compile)
-        throughput_table(ModelConfig(vocab_size=2048, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352,
-                                     max_seq_len=512), gpu_device, (1, 4), ("eager", "static"), 8, 8, limits, ())
+        throughput_table(TINY_CPU_SHAPE, gpu_device, (1, 4), ("eager", "static"), 8, 8, limits, ())
     raise SystemExit(0)
 
 if args.threads:
@@ -354,15 +365,6 @@ limits = device_limits(device, dtype)
 print(f"measured ceilings: copy {limits[0] / 1e9:.6g} GB/s, matmul {limits[1] / 1e9:.6g} GFLOP/s")
 
 
-def timed(fn):
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work runs asynchronously
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
 def measure(runs, batch):
     """runs: {name: run(n) generating n tokens for `batch` rows}. The runs take turns, so a burst of load from
     other jobs hits all of them alike; the best of --repeats is kept. -> {name: (prefill tok/s, decode tok/s,
@@ -370,8 +372,8 @@ def measure(runs, batch):
     best = {name: [float("inf"), float("inf")] for name in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
-            best[name][0] = min(best[name][0], timed(lambda: run(1)))
-            best[name][1] = min(best[name][1], timed(lambda: run(args.new_tokens)))
+            best[name][0] = min(best[name][0], timed(lambda: run(1), device))
+            best[name][1] = min(best[name][1], timed(lambda: run(args.new_tokens), device))
     return {name: (batch * args.prompt_len / t1, batch * (args.new_tokens - 1) / max(tn - t1, 1e-9), tn)
             for name, (t1, tn) in best.items()}
 

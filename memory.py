@@ -174,6 +174,7 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
     else:
         print(f"  fits; the largest micro_batch_size that fits is {best}")
 
+
 def print_gpu_counts(mc, gcfg, prompts_per_step, prompt_len, **kw):
     """The peak per GPU on 1, 2, 4 and 8 GPUs, each taking its share of the rollouts: with DDP (the whole model on
     every GPU) and, for full fine-tuning, with --fsdp (1/N of it)."""

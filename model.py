@@ -16,8 +16,8 @@ Choices:
     counted over real tokens only (cumsum of the mask), so a padded row sees exactly the positions of its
     unpadded self. Every query may always see its own key, so rows of pure padding give finite junk, never NaN.
   - generate(): prefills each distinct prompt once, then decodes its num_samples rows with all others in one batch.
-  - sampling: temperature, then top-p, then one uniform per row and step from an explicit generator. The fast sample_next_token
-    (exact inverse CDF) follows the plain sample_next_token_reference and is tested against it.
+  - sampling: temperature, then top-p, then one uniform per row and step from an explicit generator. The fast
+    sample_next_token (exact inverse CDF) follows the plain sample_next_token_reference and is tested against it.
 Checked against transformers' Qwen2ForCausalLM (tests/test_loader.py): identical fp32 and bf16 logits and greedy output.
 Shape letters: B batch, T time, H query heads, H_kv key/value heads, D head dim, C model dim, V vocab.
 """

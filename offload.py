@@ -24,8 +24,8 @@ class OffloadedAdamW:
 
     def __init__(self, params, **adamw_kwargs):
         self.params = list(params)
-        pin = any(p.is_cuda for p in self.params)  # pinned host memory only exists with CUDA
-        host = lambda p: torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+        self.on_cuda = any(p.is_cuda for p in self.params)  # pinned host memory only exists with CUDA
+        host = lambda p: torch.empty(p.shape, dtype=torch.float32, pin_memory=self.on_cuda)
         self.host_params = [host(p).copy_(p.detach()).requires_grad_() for p in self.params]
         self.host_grads = [host(p) for p in self.params]
         self.inner = torch.optim.AdamW(self.host_params, **adamw_kwargs)   # state made on the host, lazily
@@ -39,7 +39,7 @@ class OffloadedAdamW:
     def step(self):
         for p, hp, g in zip(self.params, self.host_params, self.host_grads):  # 1. gradients to the host
             hp.grad = None if p.grad is None else g.copy_(p.grad, non_blocking=True)  # None: AdamW skips it
-        if any(p.is_cuda for p in self.params):
+        if self.on_cuda:
             torch.cuda.synchronize()  # the host reads the gradients next
         self.inner.step()                                                     # 2. AdamW on the host
         for p, hp in zip(self.params, self.host_params):                     # 3. the new weights back

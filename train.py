@@ -95,7 +95,7 @@ class Config:
     fsdp: bool = opt(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and AdamW state "
                             "(distributed.py); full fine-tuning")
     compile: bool = opt(False, "the training forwards (warm-up, GRPO's log-probs) run each block under torch.compile "
-                               "(model.compiled_block); a minute or more to compile first (README: when it pays)")
+                               "(model.compiled_block); ~40 s to compile first on CPU (README: when it pays)")
     decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
                                "CUDA graphs on CUDA; slower on CPU, README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below

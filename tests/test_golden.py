@@ -10,8 +10,9 @@ another torch build may round differently, so the comparison needs the same torc
 
 Re-recorded once since, on purpose: issue 16's sampler draws one uniform for every row of the batch at every
 step (so that a batch split across torchrun ranks samples what one process samples); the warm-up rows and the
-evaluations before RL were unchanged by it, the RL rows changed. To re-record after a deliberate change of behaviour: run the commands below into a fresh directory and copy its
-metrics.jsonl (without the wall-clock keys) and final/model.safetensors here."""
+evaluations before RL were unchanged by it, the RL rows changed. To re-record after a deliberate change of
+behaviour: run the commands below into a fresh directory and copy its metrics.jsonl (without the wall-clock keys)
+and final/model.safetensors here."""
 import json
 import os
 

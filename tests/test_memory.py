@@ -181,7 +181,8 @@ def test_the_gpu_acceptance_script_runs_end_to_end_at_a_tiny_shape_on_cpu():
     weights = 2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 128 * 352) + 2048 * 128                 # 630,784
     decode = re.findall(r"^\| (\d+) \| (eager|static) \| \d+ \| [\d.]+ \| ([\d.]+) ms \| ([\d.]+) ms \((\w+)\) \| "
                         r"([\d.]+)% \|$", out, re.M)
-    assert sorted((int(b), mode) for b, mode, *_ in decode) == [(1, "eager"), (1, "static"), (4, "eager"), (4, "static")]
+    assert sorted((int(b), mode) for b, mode, *_ in decode) == \
+        [(1, "eager"), (1, "static"), (4, "eager"), (4, "static")]
     for batch, mode, step_ms, roofline_ms, bound, share in decode:
         batch, context = int(batch), 8 + 8 // 2   # the mean cached length: prompt 8, 8 new tokens
         nbytes = 4 * weights + 4 * 2 * 2 * batch * context * 2 * 32   # float32; K and V, 2 layers, 2 kv heads of 32

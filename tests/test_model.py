@@ -388,6 +388,12 @@ def test_compiled_blocks_give_the_eager_forward_and_gradients():
         (hidden.pow(2) * weights).sum().backward()
         return hidden.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
+    import model as model_module
+    calls, compiled_block = [], model_module.compiled_block
+
+    def counted():  # the compiled block, each call counted: the comparison is of the compiled path
+        block = compiled_block()
+        return lambda *args: (calls.append(1), block(*args))[1]
     torch.manual_seed(1)
     left_padded = torch.ones(3, 9, dtype=torch.bool)
     left_padded[0, :4] = left_padded[1, :1] = False
@@ -395,7 +401,11 @@ def test_compiled_blocks_give_the_eager_forward_and_gradients():
                                         (torch.randint(0, 97, (2, 12)), None, True),
                                         (torch.randint(0, 97, (3, 9)), left_padded, False)]:
         hidden, grads = forward_backward(False, tokens, mask, checkpointing)
-        hidden_c, grads_c = forward_backward(True, tokens, mask, checkpointing)
+        assert not calls
+        with patch.object(model_module, "compiled_block", counted):
+            hidden_c, grads_c = forward_backward(True, tokens, mask, checkpointing)
+        assert len(calls) >= TINY.n_layers  # every layer (and again in a checkpointed backward's recompute)
+        calls.clear()
         assert torch.allclose(hidden_c, hidden, atol=1e-5, rtol=0)
         for name, grad in grads.items():
             assert (grads_c[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-8, name
