@@ -4,6 +4,7 @@ Benchmark model.py's sampler and loader (a script, not a test).
     python bench.py              # batch 1, 16, 64; 128 new tokens; HF comparison and load-memory check
     python bench.py --quick      # batch 1 and 16, 32 new tokens: a minute on a laptop CPU
     python bench.py --gpu        # the GPU acceptance check (below); --gpu --device=cpu runs it at a tiny shape
+    python bench.py --train_model   # train.py's default model: eager, static and compiled decode, batch 1-128
 
 Workload: a random 512-dim, 8-layer Qwen2 (8 heads, 2 kv heads) with Qwen's 151,936-row vocabulary, float32 on
 CPU and bfloat16 on CUDA. Prompts of --prompt-len tokens, temperature 1.0 sampling, no stop ids (every row makes
@@ -60,6 +61,9 @@ class BenchConfig:
     no_hf: bool = opt(False, "skip the transformers comparison")
     no_load: bool = opt(False, "skip the load_qwen memory measurement")
     gpu: bool = opt(False, "the GPU acceptance check instead (see above)")
+    train_model: bool = opt(False, "instead: the throughput table of train.py's default model (the byte vocabulary; "
+                                   "prompts of 40 tokens, 256 new) at batch 1, 16, 64, 128, decode eager, static and "
+                                   "compiled (one compile serves every batch size; not timed)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (--gpu only)")
 
 
@@ -159,13 +163,13 @@ def roofline_row(model, batch, context, decode_tok_s, limits):
 
 def throughput_table(mc, device, batch_sizes, modes, prompt_len, new_tokens, limits, compiled_batches):
     """Decode and prefill tokens/s of a random-weight model of config mc at each batch size and decode mode
-    (compiled only at compiled_batches: each batch size compiles its own step), each decode step against its
-    roofline, and the training step's tokens/s and MFU."""
+    (compiled only at compiled_batches: on CUDA each batch size records its own CUDA graphs), each decode step
+    against its roofline, and the training step's tokens/s and MFU."""
     on_cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = Transformer(mc).to(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32).eval()
     n = sum(w.numel() for w in matmul_weights(model))
-    print(f"\n{n / 1e6:.0f}M matmul weights ({mc.dim} dim, {mc.n_layers} layers), "
+    print(f"\n{n / 1e6:.3g}M matmul weights ({mc.dim} dim, {mc.n_layers} layers), "
           f"{model_module.compute_dtype(model)}, prompts of {prompt_len} tokens, {new_tokens} new")
     print("| batch | decode | prefill tok/s | decode tok/s | decode step | roofline step | of roofline |\n"
           "|---|---|---|---|---|---|---|")
@@ -353,6 +357,14 @@ if args.gpu:
 if args.threads:
     torch.set_num_threads(args.threads)
 device = torch.device(pick_device("auto"))
+if args.train_model:
+    import train
+    limits = device_limits(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    print(f"device {device} ({torch.get_num_threads()} threads); measured ceilings: copy {limits[0] / 1e9:.6g} "
+          f"GB/s, matmul {limits[1] / 1e9:.6g} GFLOP/s")
+    throughput_table(train.scratch_config(train.Config()), device, (1, 16, 64, 128), ("eager", "static", "compiled"),
+                     40, 256, limits, compiled_batches=(1, 16, 64, 128))
+    raise SystemExit(0)
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 config = ModelConfig(vocab_size=151936, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408,
                      rope_theta=1e6, max_seq_len=4096)

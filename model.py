@@ -524,7 +524,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         tokens = (tokens.pin_memory() if pin else tokens).to(device, non_blocking=pin)
         mask = None if min(lengths) == T0 else (mask.pin_memory() if pin else mask).to(device, non_blocking=pin)
         cache_len = T0 + max_new_tokens
-        if decode != "eager":  # a few cache lengths (powers of two), so the compiled step is reused across calls
+        if decode != "eager":  # a few cache lengths (powers of two): few shapes to compile or record
             cache_len = min(max(64, 1 << (cache_len - 1).bit_length()), max(cache_len, model.config.max_seq_len))
         kv_cache = KVCache(model.config, P, cache_len, device, dtype)
         # logits only over ids < vocab_limit, so ids past it (Qwen's untrained padding rows) are never sampled
@@ -576,12 +576,15 @@ def cut_after_stop(rows, stop_ids):
 # The decode loop with static shapes, for torch.compile and CUDA graphs (tested against generate's eager loop)
 #
 # generate's loop changes shapes as it goes: the cache's filled length is a Python int that grows every step, and
-# finished rows are dropped. A compiled step wants the same shapes and no host reads every time. Here every step
-# attends over the whole preallocated cache, masked to the columns written so far; the column to write is a
-# tensor; finished rows stay in the batch (their tokens are discarded) and the host checks for the end every 8
-# steps only, when the batch is also cut down to the next power of two that holds the rows still going (so a
-# compiled step sees a few batch sizes). The attention sums gain only masked (zero) terms, so the tokens are the
-# eager loop's.
+# finished rows are dropped. A compiled step wants few shapes and no host reads every time. Here the cache stays
+# preallocated and every step attends over a window of its first `width` columns, masked to the columns written
+# so far, with width the filled length rounded up to a multiple of 64 (so the attention reads little more than
+# the eager loop's, and a step sees one shape per 64 tokens); the column to write is a tensor; finished rows stay
+# in the batch (their tokens are discarded) and the host checks for the end every 8 steps only, when the batch
+# is also cut down to the next power of two that holds the rows still going (a few batch sizes). The attention
+# sums gain only masked (zero) terms, so the tokens are the eager loop's.
+
+WINDOW_STEP = 64  # the attention window grows in steps of this many cache columns
 
 
 class StaticColumnCache:
@@ -592,23 +595,37 @@ class StaticColumnCache:
         self.key_mask, self.next_pos = kv_cache.key_mask, kv_cache.next_pos     # (B, T_max) bool, (B,) long
         self.column = torch.tensor(kv_cache.length, device=kv_cache.next_pos.device)
 
+
+class CacheWindow:
+    """What one decode step's attention layers see of a StaticColumnCache: its first `width` columns."""
+
+    def __init__(self, cache, width):
+        self.cache, self.width = cache, width
+
     def update(self, layer_idx, k, v):
-        # k, v (B, H_kv, 1, D) into column `column`; attention then reads the whole buffer, masked
-        self.keys[layer_idx].index_copy_(2, self.column.view(1), k)
-        self.values[layer_idx].index_copy_(2, self.column.view(1), v)
-        return self.keys[layer_idx], self.values[layer_idx]
+        # k, v (B, H_kv, 1, D) into column `column`; attention then reads the window, masked
+        keys, values, column = self.cache.keys[layer_idx], self.cache.values[layer_idx], self.cache.column.view(1)
+        keys.index_copy_(2, column, k)
+        values.index_copy_(2, column, v)
+        return keys[:, :, :self.width], values[:, :, :self.width]                # (B, H_kv, width, D)
 
 
-def decode_step(model, token, cache, vocab_limit):
+def window_width(filled, max_len):
+    """The attention window of a step whose token goes to column `filled`: a multiple of WINDOW_STEP past it."""
+    return min(max_len, (filled // WINDOW_STEP + 1) * WINDOW_STEP)
+
+
+def decode_step(model, token, cache, vocab_limit, width):
     """token (B,) at each row's next position -> float32 logits (B, V') for the token after it; writes the cache
-    column and moves column and positions on by one. Every shape is fixed: torch.compile(fullgraph=True) takes it."""
-    T_max = cache.key_mask.shape[1]
-    visible = cache.key_mask & (torch.arange(T_max, device=token.device) <= cache.column)  # (B, T_max)
-    attn_mask = visible[:, None, None, :]                                                 # (B, 1, 1, T_max)
+    column and moves column and positions on by one; attends over the cache's first `width` columns (width >
+    column). Shapes depend on B and width alone: torch.compile(fullgraph=True) takes it."""
+    visible = cache.key_mask[:, :width] & (torch.arange(width, device=token.device) <= cache.column)  # (B, width)
+    attn_mask = visible[:, None, None, :]                                                 # (B, 1, 1, width)
     cos, sin = rope_cos_sin(cache.next_pos[:, None], model.config, compute_dtype(model))   # (B, 1, 1, D)
     x = model.embed_tokens(token[:, None])                                                # (B, 1, C)
+    window = CacheWindow(cache, width)
     for layer in model.layers:
-        x = layer(x, cos, sin, attn_mask, False, cache)
+        x = layer(x, cos, sin, attn_mask, False, window)
     cache.column += 1
     cache.next_pos += 1
     return next_token_logits(model, model.norm(x)[:, -1], vocab_limit)
@@ -621,16 +638,18 @@ def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperatur
                   batch_rows, compiled=False):
     """generate's step 4 with static shapes, from the prefilled (and per-sample copied) cache and its last
     logits (B, V') -> out (B, max_new_tokens) ids, -1 after a row's end; batch_rows (first, total) as in
-    generate. compiled: the step under torch.compile(fullgraph=True), and on CUDA with CUDA graphs
-    (mode="reduce-overhead")."""
+    generate. compiled: the step under torch.compile(fullgraph=True, dynamic=True), one graph for every batch size
+    and window (on CUDA with CUDA graphs, mode="reduce-overhead", which records one per shape)."""
     global _compiled_decode_step
     step_fn = decode_step
     if compiled:
         if _compiled_decode_step is None:
-            mode = "reduce-overhead" if logits.is_cuda else None
-            _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+            # CUDA: CUDA graphs replay the step's kernels with one launch. CPU: the graph's kernel calls in C++,
+            # not Python (cpp_wrapper: 10-15% off a step of the default model)
+            kwargs = dict(mode="reduce-overhead") if logits.is_cuda else dict(options={"cpp_wrapper": True})
+            _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=True, **kwargs)
         step_fn = _compiled_decode_step
-    cache, prefill_len = StaticColumnCache(kv_cache), kv_cache.length
+    cache, prefill_len, max_len = StaticColumnCache(kv_cache), kv_cache.length, kv_cache.key_mask.shape[1]
     B = logits.shape[0]
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=logits.device)  # (B, max_new)
     row_ids = torch.arange(B, device=logits.device)  # which output row each batch row writes
@@ -654,7 +673,7 @@ def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperatur
                 kv_cache.select(keep)
                 cache = StaticColumnCache(kv_cache)
                 row_ids, next_token, finished = row_ids[keep], next_token[keep], finished[keep]
-        logits = step_fn(model, next_token, cache, vocab_limit)
+        logits = step_fn(model, next_token, cache, vocab_limit, window_width(prefill_len + step, max_len))
         if compiled and logits.is_cuda:
             logits = logits.clone()  # CUDA graphs reuse their output buffer on the next replay
     return out

@@ -96,8 +96,8 @@ class Config:
                             "(distributed.py); full fine-tuning")
     compile: bool = opt(False, "the training forwards (warm-up, GRPO's log-probs) run each block under torch.compile "
                                "(model.compiled_block); ~40 s to compile first on CPU (README: when it pays)")
-    decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile; "
-                               "CUDA graphs on CUDA; slower on CPU, README)")
+    decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile, "
+                               "CUDA graphs on CUDA; on CPU ~20 s to compile, then 1.1-1.4x faster: README)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
     task: str = opt("countdown", "countdown | parity | a fork's task module NAME.py (its RUN_DEFAULTS apply)")
     n_nums: tuple = opt((3, 3), "countdown: how many numbers per problem, (min, max)")

@@ -348,30 +348,36 @@ def test_a_batch_sampled_in_parts_gives_the_samples_of_the_whole(decode):
 
 
 def test_compiled_decode_step_equals_the_eager_step_and_generate():
-    """torch.compile(fullgraph=True) of the one-token step (the CPU's C++ compiler builds it): logits within 1e-5 of
-    the plain forward's at every step, and generate's tokens the eager loop's, greedy and sampled."""
-    from model import StaticColumnCache, decode_step
-    model = tiny_model(std=0.1)
+    """torch.compile(fullgraph=True, dynamic=True) of the one-token step (the CPU's C++ compiler builds it): generate's
+    tokens the eager loop's, greedy and sampled, over 70 new tokens (a 128-column cache read through a 64-column
+    window, then the whole of it), and the compiled step's logits within 1e-5 of a full forward at every step."""
+    import model as model_module
+    from model import StaticColumnCache, window_width
+    model = tiny_model(std=0.1, max_seq_len=128)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
-    eager = generate(model, prompts, 12, temperature=1.0, seed=2, num_samples=2)
-    assert generate(model, prompts, 12, temperature=1.0, seed=2, num_samples=2, decode="compiled") == eager
+    widths, window_width_of = [], model_module.window_width
+    with patch.object(model_module, "window_width", lambda *a: widths.append(window_width_of(*a)) or widths[-1]):
+        compiled = generate(model, prompts, 70, temperature=1.0, seed=2, num_samples=2, decode="compiled")
+    assert compiled == generate(model, prompts, 70, temperature=1.0, seed=2, num_samples=2)
+    assert widths == [64] * 59 + [128] * 10  # columns 5..63 through a window narrower than the cache, then all
     # greedy at the same batch shape as the sampled call (4 rows): the same compiled step, no second compile
-    assert generate(model, prompts, 12, temperature=0.0, num_samples=2, decode="compiled") == \
-        generate(model, prompts, 12, temperature=0.0, num_samples=2)
+    assert generate(model, prompts, 70, temperature=0.0, num_samples=2, decode="compiled") == \
+        generate(model, prompts, 70, temperature=0.0, num_samples=2)
     # the logits of each step against a full forward over the prompt and the tokens so far (left padding masked)
-    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    step = model_module._compiled_decode_step
     tokens = torch.tensor([[0, 0, 3, 1, 4], [1, 5, 9, 2, 6]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()
-    cache = KVCache(model.config, 2, 5 + 8, "cpu", torch.float32)
+    cache = KVCache(model.config, 2, 128, "cpu", torch.float32)
     with torch.no_grad():
         model.hidden_states(tokens, cache, mask)
         static = StaticColumnCache(cache)
-        for new in range(8):
+        for new in range(64):
             token = torch.tensor([(new * 7) % 97, (new * 13 + 5) % 97])
             tokens, mask = torch.cat([tokens, token[:, None]], 1), torch.cat([mask, torch.ones(2, 1).bool()], 1)
-            logits = step(model, token, static, None)
-            full = model(tokens, attention_mask=mask)[:, -1].float()
-            assert torch.allclose(logits.log_softmax(-1), full.log_softmax(-1), atol=1e-5, rtol=0)
+            logits = step(model, token, static, None, window_width(5 + new, 128))
+            if new % 8 == 0 or new > 56:  # the full forwards, past the window's edge at column 64 among them
+                full = model(tokens, attention_mask=mask)[:, -1].float()
+                assert torch.allclose(logits.log_softmax(-1), full.log_softmax(-1), atol=1e-5, rtol=0)
 
 
 def test_compiled_blocks_give_the_eager_forward_and_gradients():
