@@ -323,6 +323,11 @@ def kernel_and_decode_checks(policy, prompts, autocast, device):
                 times[mode] = (time.perf_counter() - t0, tokens)
         same = "yes" if times["eager"][1] == times["compiled"][1] else "NO"
         print(f"| {'compiled decode: eager greedy tokens':<40} | {'yes':>13} | {same:>13} |")
+        # CUDA graph trees skip a graph (and log why) when it writes into a non-static input: the cache's buffers
+        # are marked static (model.DecodeBuffers), so there should be no skip
+        from torch._dynamo.utils import counters
+        skips = counters["inductor"]["cudagraph_skips"]
+        print(f"| {'compiled decode: CUDA graph skips':<40} | {0:>13} | {skips:>13} |")
         print(f"| {'decode tok/s, eager -> compiled':<40} | {'faster':>13} | "
               f"{16 * 256 / times['eager'][0]:5.0f} -> {16 * 256 / times['compiled'][0]:5.0f} |")
 

@@ -53,6 +53,8 @@ class Plan:
     gathered_rollout: int = 0  # FSDP: every weight gathered for the whole of generate (distributed.unsharded)
     gathered_update: int = 0   # FSDP: two units gathered at a time (the one running, the next prefetched), and the
     #                            unsharded gradient of one unit before its reduce-scatter
+    kept_decode_cache: int = 0  # --decode=static|compiled: the static loop's cache (model.DecodeBuffers), kept from
+    #                             one rollout to the next, so held in the update too (also counted in kv_cache)
 
     @property
     def static(self):
@@ -66,11 +68,12 @@ class Plan:
     @property
     def update_peak(self):  # backward meets the head first, then one block at a time: the larger of the two
         return self.static + self.gathered_update + self.cast_weights + self.head_cast + self.gradients \
-            + self.saved_activations + max(self.block_working, self.logprob_head)
+            + self.kept_decode_cache + self.saved_activations + max(self.block_working, self.logprob_head)
 
 
 def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf16-mixed", device_type="cuda",
-                 checkpointing=True, vocab_limit=None, lora_rank=0, optimizer_offload=False, fsdp_ranks=1):
+                 checkpointing=True, vocab_limit=None, lora_rank=0, optimizer_offload=False, fsdp_ranks=1,
+                 decode="eager"):
     """The Plan of one RL step: rollout_rows = prompts_per_step * group_size rows of <= prompt_len +
     max_new_tokens tokens; weights in float32 (bf16 for precision "bf16"); the reference in bf16 on CUDA;
     vocab_limit < vocab_size (Qwen's padding rows) adds the head gradient's full-size copy.
@@ -79,7 +82,9 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
     copy); no embedding or head gradient. Activations flow through the whole network as before.
     optimizer_offload (offload.py): no AdamW state on the GPU (offload_host_bytes: what the host holds instead).
     fsdp_ranks = N > 1 (--fsdp): a rank holds 1/N of the weights, gradients, AdamW state and reference, and the
-    gathered weights above; rollout_rows are then this rank's rows."""
+    gathered weights above; rollout_rows are then this rank's rows.
+    decode "static" or "compiled" (model.generate): the prompts' prefill cache, then the kept cache of all rows with
+    its columns rounded up to a power of two (generate's cache_len), held in the update as well."""
     P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
     H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
     T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
@@ -112,6 +117,9 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         weights, trainable, trainable_bytes, head_cast = P * w, P, w, 0
         reference = P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0
     N = fsdp_ranks
+    # K and V, every layer, kv head and position: the eager loop's cache, or the static loop's kept one
+    static_len = min(max(64, 1 << (T - 1).bit_length()), max(T, mc.max_seq_len))
+    kept = 0 if decode == "eager" else 2 * L * kv * a * static_len * rollout_rows
     unit = max(V * C + (0 if mc.tie_embeddings else V * C), adapted_params(mc) // L) * w  # the root, or a block
     return Plan(
         weights=weights // N,
@@ -119,7 +127,7 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         optimizer=0 if optimizer_offload else 2 * trainable * trainable_bytes // N,
         reference=reference // N,
         cast_weights=cast,
-        kv_cache=2 * L * kv * T * kv_rows * a,               # K and V, every layer, kv head and position
+        kv_cache=2 * L * kv * a * (T * kv_rows if decode == "eager" else prompt_len * (rollout_rows // G)) + kept,
         sampling=rollout_rows * V * (4 * 4 + (20 if top_p else 0)),
         gradients=trainable * trainable_bytes // N,
         saved_activations=saved,
@@ -128,7 +136,7 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         # probabilities, product, scattered gradient; measured, LoRA) until the head's gradient is formed, then
         # 3 of them with it (full fine-tuning)
         logprob_head=max(6 * chunk * V * 4, 3 * chunk * V * 4 + head), head_cast=head_cast,
-        gathered_rollout=P * w if N > 1 else 0, gathered_update=3 * unit if N > 1 else 0)
+        gathered_rollout=P * w if N > 1 else 0, gathered_update=3 * unit if N > 1 else 0, kept_decode_cache=kept)
 
 
 def offload_host_bytes(mc, lora_rank=0):
@@ -158,7 +166,7 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
     print(f"  peak during rollouts {plan.rollout_peak / GiB:.1f} GiB, during the update {plan.update_peak / GiB:.1f} "
           f"GiB; 90% of the card is {0.9 * budget / GiB:.1f} GiB")
     fixed = plan.static + plan.gathered_update + plan.cast_weights + plan.head_cast + plan.gradients \
-        + plan.logprob_head
+        + plan.kept_decode_cache + plan.logprob_head
     best = fitting_micro_batch(mc, gcfg, rollout_rows, prompt_len, budget, **kw)
     if fixed > 0.9 * budget:
         print(f"  does NOT fit whatever the batch: what the card holds at any batch (weights, gradients, AdamW "

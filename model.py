@@ -526,21 +526,22 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         cache_len = T0 + max_new_tokens
         if decode != "eager":  # a few cache lengths (powers of two): few shapes to compile or record
             cache_len = min(max(64, 1 << (cache_len - 1).bit_length()), max(cache_len, model.config.max_seq_len))
-        kv_cache = KVCache(model.config, P, cache_len, device, dtype)
+        kv_cache = KVCache(model.config, P, T0 if decode != "eager" else cache_len, device, dtype)
         # logits only over ids < vocab_limit, so ids past it (Qwen's untrained padding rows) are never sampled
         logits = next_token_logits(model, model.hidden_states(tokens, kv_cache, mask)[:, -1], vocab_limit)  # (P, V')
         # 3. copy each prompt's cache and last logits into its G sample rows. The output layout, defined here
         # only: B = P * G rows, prompt 0's G rows first, then prompt 1's, ...
-        if G > 1:
-            rows = torch.arange(P, device=device).repeat_interleave(G)  # (B,) = 0,0,..,1,1,..
-            kv_cache.select(rows)
-            logits = logits[rows]                                        # (B, V')
         B = P * G
+        rows = torch.arange(P, device=device).repeat_interleave(G)      # (B,) = 0,0,..,1,1,..
+        logits = logits[rows] if G > 1 else logits                      # (B, V')
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        if decode != "eager":
-            out = decode_static(model, kv_cache, logits, max_new_tokens, generator, temperature, top_p, stop,
+        if decode != "eager":  # the static loop copies the prompts' cache into its own, kept buffers
+            cache = StaticColumnCache(model.config, kv_cache, rows, cache_len)
+            out = decode_static(model, cache, logits, max_new_tokens, generator, temperature, top_p, stop,
                                 vocab_limit, (first, total), compiled=decode == "compiled")
             return cut_after_stop(out.tolist(), stop_ids)
+        if G > 1:
+            kv_cache.select(rows)
         out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)  # (B, max_new)
         row_ids = torch.arange(B, device=device)    # which output row each active batch row writes
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -587,13 +588,89 @@ def cut_after_stop(rows, stop_ids):
 WINDOW_STEP = 64  # the attention window grows in steps of this many cache columns
 
 
-class StaticColumnCache:
-    """The prefilled KVCache's buffers, written at `column`, a 0-dim long tensor (the same for every row)."""
+class DecodeBuffers:
+    """What the static loop's cache is made of: per layer (R, H_kv, T_max, D) keys and values, key_mask (R, T_max),
+    next_pos (R,) and column, a 0-dim long tensor, with R rows and T_max columns at least those asked. Made once and
+    kept from one generate call to the next (decode_buffers), each tensor marked as a static address for
+    torch.compile: CUDA graphs record the step's kernels with these addresses and write the cache in place on every
+    replay, as they do a model's weights. (CUDA graph trees run a graph that writes into any other input without
+    CUDA graphs, and record a graph again when a static input moves: a cache made anew by each call would give one
+    or the other.)"""
 
-    def __init__(self, kv_cache):
-        self.keys, self.values = kv_cache.keys, kv_cache.values                 # (B, H_kv, T_max, D) per layer
-        self.key_mask, self.next_pos = kv_cache.key_mask, kv_cache.next_pos     # (B, T_max) bool, (B,) long
-        self.column = torch.tensor(kv_cache.length, device=kv_cache.next_pos.device)
+    def __init__(self, config, rows, max_len, device, dtype):
+        kv_cache = KVCache(config, rows, max_len, device, dtype)
+        self.keys, self.values = kv_cache.keys, kv_cache.values
+        self.key_mask, self.next_pos = kv_cache.key_mask, kv_cache.next_pos
+        self.column = torch.zeros((), dtype=torch.long, device=device)
+        for t in (*self.keys, *self.values, self.key_mask, self.next_pos, self.column):
+            torch._dynamo.mark_static_address(t)
+
+    def fits(self, config, rows, max_len, device, dtype):
+        k = self.keys[0]
+        return (len(self.keys), k.shape[1], k.shape[3], k.dtype, k.device) == (
+            config.n_layers, config.n_kv_heads, config.head_dim, dtype, torch.device(device)) and \
+            k.shape[0] >= rows and k.shape[2] >= max_len
+
+
+_decode_buffers = None
+
+
+def decode_buffers(config, rows, max_len, device, dtype):
+    """The kept DecodeBuffers if they hold rows x max_len of this shape and dtype, else new ones (the old freed
+    first); they only grow, so a run's rollouts and evaluations soon share one set. free_decode_buffers lets go."""
+    global _decode_buffers
+    if _decode_buffers is None or not _decode_buffers.fits(config, rows, max_len, device, dtype):
+        if _decode_buffers is not None and _decode_buffers.fits(config, 0, 0, device, dtype):
+            rows, max_len = max(rows, _decode_buffers.keys[0].shape[0]), max(max_len, _decode_buffers.keys[0].shape[2])
+        _decode_buffers = None
+        _decode_buffers = DecodeBuffers(config, rows, max_len, device, dtype)
+    return _decode_buffers
+
+
+def free_decode_buffers():
+    global _decode_buffers
+    _decode_buffers = None
+
+
+class StaticColumnCache:
+    """The static loop's cache: the first B rows of the kept DecodeBuffers (each a tensor of its own over their
+    memory, marked static as well), written at `column`, the same for every row."""
+
+    def __init__(self, config, kv_cache, rows, max_len):
+        """kv_cache: the prompts' prefilled KVCache; rows (B,): the prompt of each batch row. Copies each prompt's
+        keys, values, key mask and position into its rows; the columns after the prompt are real tokens to be."""
+        B, L = len(rows), kv_cache.length
+        buffers = decode_buffers(config, B, max_len, kv_cache.next_pos.device, kv_cache.keys[0].dtype)
+        for kept, prefilled in ((buffers.keys, kv_cache.keys), (buffers.values, kv_cache.values)):
+            for buffer, layer in zip(kept, prefilled):
+                buffer[:B, :, :L] = layer[rows, :, :L]
+        buffers.key_mask[:B] = True
+        buffers.key_mask[:B, :L] = kv_cache.key_mask[rows, :L]
+        buffers.next_pos[:B] = kv_cache.next_pos[rows]
+        buffers.column.fill_(L)
+        self.buffers, self.column, self.prompt_len = buffers, buffers.column, L
+        self.max_len = buffers.key_mask.shape[1]  # the buffers' columns: cache_len or more
+        self.use_rows(B)
+
+    def use_rows(self, B):
+        # x[:B].detach(): the first B rows, a tensor of its own over the same memory rather than a view, so that
+        # torch.compile guards on its shape alone, not on how it relates to the whole buffer (more graphs)
+        b = self.buffers
+        self.keys = [k[:B].detach() for k in b.keys]                                   # (B, H_kv, T_max, D) each
+        self.values = [v[:B].detach() for v in b.values]
+        self.key_mask, self.next_pos = b.key_mask[:B].detach(), b.next_pos[:B].detach()  # (B, T_max), (B,)
+        for t in (*self.keys, *self.values, self.key_mask, self.next_pos):
+            torch._dynamo.mark_static_address(t)
+
+    def compact(self, keep, filled):
+        """Rows keep (B',) move to the first B' rows, in place; of keys and values only the `filled` columns
+        written so far."""
+        for kept in (self.buffers.keys, self.buffers.values):
+            for buffer in kept:
+                buffer[:len(keep), :, :filled] = buffer[keep, :, :filled]  # the right side is gathered first
+        self.buffers.key_mask[:len(keep)] = self.key_mask[keep]
+        self.buffers.next_pos[:len(keep)] = self.next_pos[keep]
+        self.use_rows(len(keep))
 
 
 class CacheWindow:
@@ -634,12 +711,12 @@ def decode_step(model, token, cache, vocab_limit, width):
 _compiled_decode_step = None
 
 
-def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperature, top_p, stop, vocab_limit,
+def decode_static(model, cache, logits, max_new_tokens, generator, temperature, top_p, stop, vocab_limit,
                   batch_rows, compiled=False):
-    """generate's step 4 with static shapes, from the prefilled (and per-sample copied) cache and its last
-    logits (B, V') -> out (B, max_new_tokens) ids, -1 after a row's end; batch_rows (first, total) as in
-    generate. compiled: the step under torch.compile(fullgraph=True, dynamic=True), one graph for every batch size
-    and window (on CUDA with CUDA graphs, mode="reduce-overhead", which records one per shape)."""
+    """generate's step 4 with static shapes, from the StaticColumnCache of the B rows and their last logits
+    (B, V') -> out (B, max_new_tokens) ids, -1 after a row's end; batch_rows (first, total) as in generate.
+    compiled: the step under torch.compile(fullgraph=True, dynamic=True), one graph for every batch size and window
+    (on CUDA with CUDA graphs, mode="reduce-overhead", which records one per shape)."""
     global _compiled_decode_step
     step_fn = decode_step
     if compiled:
@@ -649,8 +726,7 @@ def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperatur
             kwargs = dict(mode="reduce-overhead") if logits.is_cuda else dict(options={"cpp_wrapper": True})
             _compiled_decode_step = torch.compile(decode_step, fullgraph=True, dynamic=True, **kwargs)
         step_fn = _compiled_decode_step
-    cache, prefill_len, max_len = StaticColumnCache(kv_cache), kv_cache.length, kv_cache.key_mask.shape[1]
-    B = logits.shape[0]
+    prefill_len, max_len, B = cache.prompt_len, cache.max_len, logits.shape[0]
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=logits.device)  # (B, max_new)
     row_ids = torch.arange(B, device=logits.device)  # which output row each batch row writes
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -669,11 +745,10 @@ def decode_static(model, kv_cache, logits, max_new_tokens, generator, temperatur
             bucket = 1 << (len(alive) - 1).bit_length()  # the power of two that holds the rows still going
             if bucket < len(row_ids):  # compact to it (a few batch sizes: a few compiled graphs), topped up
                 keep = torch.cat([alive, finished.nonzero().squeeze(-1)[:bucket - len(alive)]])  # with ended rows
-                kv_cache.length = prefill_len + step  # the columns written so far: select copies those
-                kv_cache.select(keep)
-                cache = StaticColumnCache(kv_cache)
+                cache.compact(keep, filled=prefill_len + step)  # the columns written so far are copied
                 row_ids, next_token, finished = row_ids[keep], next_token[keep], finished[keep]
-        logits = step_fn(model, next_token, cache, vocab_limit, window_width(prefill_len + step, max_len))
+        # next_token.detach(): not a view (sampling's is one, a compacted batch's not), so one graph serves both
+        logits = step_fn(model, next_token.detach(), cache, vocab_limit, window_width(prefill_len + step, max_len))
         if compiled and logits.is_cuda:
             logits = logits.clone()  # CUDA graphs reuse their output buffer on the next replay
     return out

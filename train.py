@@ -97,7 +97,8 @@ class Config:
     compile: bool = opt(False, "the training forwards (warm-up, GRPO's log-probs) run each block under torch.compile "
                                "(model.compiled_block); ~40 s to compile first on CPU (README: when it pays)")
     decode: str = opt("eager", "the rollouts' decode loop (model.generate): eager | static | compiled (torch.compile, "
-                               "CUDA graphs on CUDA; on CPU ~20 s to compile, then 1.1-1.4x faster: README)")
+                               "CUDA graphs on CUDA; on CPU ~20 s to compile, then 1.1-1.4x faster: README); static "
+                               "and compiled keep their KV cache between rollouts (in the memory plan)")
     # task: a module with the names tasks.py lists; its knobs (its KNOBS) are the fields below
     task: str = opt("countdown", "countdown | parity | a fork's task module NAME.py (its RUN_DEFAULTS apply)")
     n_nums: tuple = opt((3, 3), "countdown: how many numbers per problem, (min, max)")
@@ -368,7 +369,7 @@ def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1)
     rows = cfg.prompts_per_step * gcfg.group_size // ranks
     kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit,
               lora_rank=cfg.lora_rank, optimizer_offload=cfg.optimizer_offload,
-              fsdp_ranks=ranks if cfg.fsdp else 1)
+              fsdp_ranks=ranks if cfg.fsdp else 1, decode=cfg.decode)
     print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
     rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
     for card in (24, 48, 80):

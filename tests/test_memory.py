@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import grpo
+import model as model_module
 import train
 from lora import add_lora, without_adapters
 from memory import GiB, LiveBytes, count_lora_params, count_params, plan_rl_step
@@ -29,10 +30,11 @@ def test_live_bytes_by_hand():
     assert live.peak == 8_000_000 and live.now == 8_000_000 and view.shape == (10, 1000) and c.shape == a.shape
 
 
-def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4, lora_rank=0):
+def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4, lora_rank=0, decode="eager"):
     """One rollout and one update of 4 prompts x 4 samples, 20 + 60 tokens, each measured by LiveBytes on top of
-    the tensors that exist between steps (weights, AdamW state, the reference). lora_rank: as train.py does it
-    (frozen Linears in bf16 under bf16-mixed, the reference on the same tensors)."""
+    the tensors that exist between steps (weights, AdamW state, the reference; for decode static the cache the
+    static loop keeps). lora_rank: as train.py does it (frozen Linears in bf16 under bf16-mixed, the reference on the
+    same tensors)."""
     gcfg = grpo.GRPOConfig(group_size=4, max_new_tokens=60, micro_batch_size=micro_batch, logprob_chunk=64,
                            beta=beta, top_p=top_p)
     torch.manual_seed(0)
@@ -51,15 +53,18 @@ def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4,
 
     def rollout():
         with autocast:
-            return generate(model, prompts, 60, temperature=1.0, top_p=top_p, seed=0, num_samples=4)
+            return generate(model, prompts, 60, temperature=1.0, top_p=top_p, seed=0, num_samples=4, decode=decode)
 
     def batch_of(completions):
         return grpo.micro_batches(grpo.per_row(prompts, 4), completions, rewards, grpo.group_advantages(rewards, 4),
                                   gcfg, pad_id=0, stop_ids=())
+    model_module.free_decode_buffers()
     grpo.update(model, optimizer, batch_of(rollout()), gcfg, ref_model, autocast=autocast)  # AdamW state exists
     nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    kept = model_module._decode_buffers
     between_steps = nbytes(model.parameters()) + 2 * nbytes(trainable) \
-        + (nbytes(ref_model.parameters()) if ref_model and not lora_rank else 0)  # LoRA's shares the weights
+        + (nbytes(ref_model.parameters()) if ref_model and not lora_rank else 0) \
+        + (nbytes([*kept.keys, *kept.values, kept.key_mask, kept.next_pos]) if kept else 0)  # LoRA shares weights
     with LiveBytes() as live:
         completions = rollout()
     rollout_peak = between_steps + live.peak
@@ -67,17 +72,21 @@ def measured_peaks(precision, checkpointing, beta=0.0, top_p=1.0, micro_batch=4,
     with LiveBytes() as live:
         grpo.update(model, optimizer, batch, gcfg, ref_model, autocast=autocast)
     plan = plan_rl_step(CONFIG, gcfg, 16, 20, micro_batch, precision=precision, device_type="cpu",
-                        checkpointing=checkpointing, lora_rank=lora_rank)
+                        checkpointing=checkpointing, lora_rank=lora_rank, decode=decode)
+    model_module.free_decode_buffers()
     return plan, rollout_peak, between_steps + live.peak
 
 
-@pytest.mark.parametrize("precision, checkpointing, beta, top_p, micro_batch, lora_rank", [
-    ("fp32", True, 0.0, 1.0, 4, 0), ("fp32", False, 0.0, 1.0, 4, 0), ("bf16-mixed", True, 0.0, 1.0, 4, 0),
-    ("bf16-mixed", False, 0.0, 1.0, 4, 0), ("bf16-mixed", True, 0.01, 0.9, 8, 0), ("fp32", True, 0.0, 1.0, 16, 0),
-    ("bf16-mixed", True, 0.01, 1.0, 4, 8), ("fp32", False, 0.0, 1.0, 4, 16)])
+@pytest.mark.parametrize("precision, checkpointing, beta, top_p, micro_batch, lora_rank, decode", [
+    ("fp32", True, 0.0, 1.0, 4, 0, "eager"), ("fp32", False, 0.0, 1.0, 4, 0, "eager"),
+    ("bf16-mixed", True, 0.0, 1.0, 4, 0, "eager"), ("bf16-mixed", False, 0.0, 1.0, 4, 0, "eager"),
+    ("bf16-mixed", True, 0.01, 0.9, 8, 0, "eager"), ("fp32", True, 0.0, 1.0, 16, 0, "eager"),
+    ("bf16-mixed", True, 0.01, 1.0, 4, 8, "eager"), ("fp32", False, 0.0, 1.0, 4, 16, "eager"),
+    ("bf16-mixed", True, 0.0, 1.0, 4, 0, "static")])
 def test_the_plan_is_within_12_percent_of_the_measured_peaks(precision, checkpointing, beta, top_p, micro_batch,
-                                                              lora_rank):
-    plan, rollout_peak, update_peak = measured_peaks(precision, checkpointing, beta, top_p, micro_batch, lora_rank)
+                                                              lora_rank, decode):
+    plan, rollout_peak, update_peak = measured_peaks(precision, checkpointing, beta, top_p, micro_batch, lora_rank,
+                                                     decode)
     assert plan.rollout_peak == pytest.approx(rollout_peak, rel=0.12)
     assert plan.update_peak == pytest.approx(update_peak, rel=0.12)
 
@@ -93,6 +102,11 @@ def test_the_plan_of_qwen_3b_by_hand():
     # K and V: 36 layers x 2 kv heads x 128 dims x 1174 positions x (128 rows + 16 prefill rows) x 2 bytes
     assert plan.kv_cache == 2 * 36 * 256 * 1174 * 144 * 2
     assert 5.7 < plan.cast_weights / GiB < 5.8  # every weight but the norms, once in bf16
+    # --decode=compiled: the 16 prompts' prefill cache (150 positions), then the static loop's cache of 128 rows x
+    # 2048 positions (1174 rounded up to a power of two), kept between rollouts and so held in the update as well
+    static = plan_rl_step(qwen3b, gcfg, 128, 150, 8, decode="compiled")
+    assert static.kv_cache == 2 * 36 * 256 * (150 * 16 + 2048 * 128) * 2
+    assert static.update_peak - plan.update_peak == static.kept_decode_cache == 2 * 36 * 256 * 2048 * 128 * 2
 
 
 def test_the_lora_plan_of_qwen_3b_by_hand():

@@ -7,9 +7,10 @@ from unittest.mock import patch
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import (PRESETS, KVCache, ModelConfig, Transformer, generate, make_attention_mask, next_token_logits,
-                   sample_next_token, sample_next_token_reference)
+from model import (PRESETS, KVCache, ModelConfig, StaticColumnCache, Transformer, generate, make_attention_mask,
+                   next_token_logits, sample_next_token, sample_next_token_reference)
 
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, rope_theta=10000.0,
                    max_seq_len=64)
@@ -321,8 +322,8 @@ def test_static_decode_gives_the_eager_loops_tokens(temperature, top_p):
     stop = {free[0][3], free[3][9], free[6][12]}  # rows end at several steps, so the eager loop drops some
     eager = generate(model, prompts, 24, stop_ids=stop, **kw)
     assert len(set(map(len, eager))) > 2 and min(map(len, eager)) < 24
-    sizes, select = [], KVCache.select
-    with patch.object(KVCache, "select", lambda cache, rows: (sizes.append(len(rows)), select(cache, rows))):
+    sizes, use_rows = [], StaticColumnCache.use_rows
+    with patch.object(StaticColumnCache, "use_rows", lambda cache, B: (sizes.append(B), use_rows(cache, B))):
         assert generate(model, prompts, 24, stop_ids=stop, decode="static", **kw) == eager
     assert sizes[0] == 9 and all(n in (1, 2, 4, 8) for n in sizes[1:]) and len(sizes) > 1  # cut to powers of two
 
@@ -347,12 +348,61 @@ def test_a_batch_sampled_in_parts_gives_the_samples_of_the_whole(decode):
         generate(model, prompts[1:3], 20, batch_rows=(6, 8), **kw)
 
 
+class InPlaceWrites(TorchDispatchMode):
+    """Every tensor an op writes in place (its schema marks the argument as written), while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
+                self.written.append(value)
+        return func(*args, **kwargs)
+
+
+def test_the_decode_step_writes_only_static_addresses_kept_from_call_to_call():
+    """What CUDA graphs need of the compiled step (mode="reduce-overhead"; no GPU here, so checked on the eager step
+    it compiles): CUDA graph trees run a graph without CUDA graphs when it writes in place into an input not marked
+    as a static address, and record it again when a static address moves. So every tensor a decode step writes
+    (the cache's columns, the column, the positions) must be marked static, and a second generate call, with
+    another batch size, must write the same memory as the first, and no new cache be made."""
+    import model as model_module
+    from torch._dynamo.utils import get_static_address_type
+    model = tiny_model(max_seq_len=128)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [2, 7]]
+    step, writes = model_module.decode_step, []
+
+    def watched_step(model, token, cache, *args):
+        inputs = [token, *cache.keys, *cache.values, cache.key_mask, cache.next_pos, cache.column, *model.parameters()]
+        with InPlaceWrites() as mode:
+            logits = step(model, token, cache, *args)
+        storage = {t.untyped_storage().data_ptr() for t in inputs}  # (tensors the step makes may be written)
+        writes.append([t for t in mode.written if t.untyped_storage().data_ptr() in storage])
+        return logits
+    model_module.free_decode_buffers()
+    with patch.object(model_module, "decode_step", watched_step):
+        generate(model, prompts, 20, seed=0, num_samples=4, decode="static")
+        first_call, buffers = writes[:], model_module._decode_buffers
+        writes.clear()
+        generate(model, prompts[:2], 30, seed=1, num_samples=3, decode="static")
+    assert len(first_call) == 19 and len(writes) == 29
+    for step_writes in first_call + writes:
+        assert len(step_writes) == 2 * model.config.n_layers + 2  # keys and values of every layer, column, positions
+        assert all(get_static_address_type(t) is not None for t in step_writes)
+    memory = lambda calls: {t.untyped_storage().data_ptr() for step_writes in calls for t in step_writes}
+    assert memory(writes) == memory(first_call) and model_module._decode_buffers is buffers
+
+
 def test_compiled_decode_step_equals_the_eager_step_and_generate():
     """torch.compile(fullgraph=True, dynamic=True) of the one-token step (the CPU's C++ compiler builds it): generate's
     tokens the eager loop's, greedy and sampled, over 70 new tokens (a 128-column cache read through a 64-column
     window, then the whole of it), and the compiled step's logits within 1e-5 of a full forward at every step."""
     import model as model_module
-    from model import StaticColumnCache, window_width
+    from model import window_width
     model = tiny_model(std=0.1, max_seq_len=128)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
     widths, window_width_of = [], model_module.window_width
@@ -370,7 +420,7 @@ def test_compiled_decode_step_equals_the_eager_step_and_generate():
     cache = KVCache(model.config, 2, 128, "cpu", torch.float32)
     with torch.no_grad():
         model.hidden_states(tokens, cache, mask)
-        static = StaticColumnCache(cache)
+        static = StaticColumnCache(model.config, cache, torch.arange(2), 128)
         for new in range(64):
             token = torch.tensor([(new * 7) % 97, (new * 13 + 5) % 97])
             tokens, mask = torch.cat([tokens, token[:, None]], 1), torch.cat([mask, torch.ones(2, 1).bool()], 1)
