@@ -368,13 +368,16 @@ def test_the_decode_step_writes_only_static_addresses_kept_from_call_to_call():
     """What CUDA graphs need of the compiled step (mode="reduce-overhead"; no GPU here, so checked on the eager step
     it compiles): CUDA graph trees run a graph without CUDA graphs when it writes in place into an input not marked
     as a static address, and record it again when a static address moves. So every tensor a decode step writes
-    (the cache's columns, the column, the positions) must be marked static, and a second generate call, with
-    another batch size, must write the same memory as the first, and no new cache be made."""
+    (the cache's columns, the column, the positions) must be marked static, also after the batch is cut to fewer
+    rows, and a second generate call, with another batch size, must write the same memory as the first, and no new
+    cache be made."""
     import model as model_module
     from torch._dynamo.utils import get_static_address_type
     model = tiny_model(max_seq_len=128)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [2, 7]]
-    step, writes = model_module.decode_step, []
+    free = generate(model, prompts, 20, seed=0, num_samples=4)
+    stop = {free[0][2], free[5][6]}  # rows end early, so the static loop cuts the batch (to 8, 4, ... rows)
+    step, writes, sizes, use_rows = model_module.decode_step, [], [], StaticColumnCache.use_rows
 
     def watched_step(model, token, cache, *args):
         inputs = [token, *cache.keys, *cache.values, cache.key_mask, cache.next_pos, cache.column, *model.parameters()]
@@ -384,12 +387,13 @@ def test_the_decode_step_writes_only_static_addresses_kept_from_call_to_call():
         writes.append([t for t in mode.written if t.untyped_storage().data_ptr() in storage])
         return logits
     model_module.free_decode_buffers()
-    with patch.object(model_module, "decode_step", watched_step):
-        generate(model, prompts, 20, seed=0, num_samples=4, decode="static")
+    with patch.object(model_module, "decode_step", watched_step), \
+            patch.object(StaticColumnCache, "use_rows", lambda cache, B: (sizes.append(B), use_rows(cache, B))):
+        generate(model, prompts, 20, seed=0, num_samples=4, stop_ids=stop, decode="static")
         first_call, buffers = writes[:], model_module._decode_buffers
         writes.clear()
         generate(model, prompts[:2], 30, seed=1, num_samples=3, decode="static")
-    assert len(first_call) == 19 and len(writes) == 29
+    assert sizes[0] == 12 and min(sizes) < 12 and sizes[-1] == 6 and len(first_call) > 8 and len(writes) == 29
     for step_writes in first_call + writes:
         assert len(step_writes) == 2 * model.config.n_layers + 2  # keys and values of every layer, column, positions
         assert all(get_static_address_type(t) is not None for t in step_writes)
