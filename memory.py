@@ -183,6 +183,29 @@ def print_plan(mc, gcfg, rollout_rows, prompt_len, budget, **kw):
         print(f"  fits; the largest micro_batch_size that fits is {best}")
 
 
+def print_run_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1):
+    """For train.py's run (cfg: its Config), print the plan of one RL step for the card (--gpu_memory_gb, else the
+    visible GPU, else 80 GB) and, for comparison, for 24, 48 and 80 GB cards. Under torchrun, for one rank's share
+    of the rollouts."""
+    if cfg.gpu_memory_gb:
+        budget = cfg.gpu_memory_gb * GiB
+    elif torch.cuda.is_available():
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        budget = 80 * GiB
+    rows = cfg.prompts_per_step * gcfg.group_size // ranks
+    kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit,
+              lora_rank=cfg.lora_rank, optimizer_offload=cfg.optimizer_offload,
+              fsdp_ranks=ranks if cfg.fsdp else 1, decode=cfg.decode)
+    print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
+    rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
+    for card in (24, 48, 80):
+        best = fitting_micro_batch(mc, gcfg, rows, prompt_len, card * GiB, **kw)
+        ok = rollout_peak < 0.9 * card * GiB and best
+        print(f"  on a {card} GB card: " + (f"fits at micro_batch_size <= {best}" if ok else "does not fit"))
+    print_gpu_counts(mc, gcfg, cfg.prompts_per_step, prompt_len, **kw)
+
+
 def print_gpu_counts(mc, gcfg, prompts_per_step, prompt_len, **kw):
     """The peak per GPU on 1, 2, 4 and 8 GPUs, each taking its share of the rollouts: with DDP (the whole model on
     every GPU) and, for full fine-tuning, with --fsdp (1/N of it)."""

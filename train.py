@@ -55,7 +55,7 @@ from cli import opt, parse, pick_device, run_script, show
 from eval import greedy
 from hf_io import load_qwen
 from lora import add_lora, load_lora, lora_state_dict, without_adapters
-from memory import GiB, count_params, fitting_micro_batch, plan_rl_step, print_gpu_counts, print_plan
+from memory import count_params, print_run_plan
 from model import PRESETS, ModelConfig, Transformer, generate
 from offload import OffloadedAdamW
 from rewards import is_correct
@@ -357,28 +357,6 @@ def build_model(cfg, resume_from, device, precision, state=None):
     return Transformer(scratch_config(cfg)).to(device=device, dtype=weight_dtype)
 
 
-def memory_plan(cfg, gcfg, mc, prompt_len, precision, vocab_limit=None, ranks=1):
-    """Print the plan of one RL step for the card (--gpu_memory_gb, else the visible GPU, else 80 GB) and, for
-    comparison, for 24, 48 and 80 GB cards. Under torchrun, for one rank's share of the rollouts."""
-    if cfg.gpu_memory_gb:
-        budget = cfg.gpu_memory_gb * GiB
-    elif torch.cuda.is_available():
-        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    else:
-        budget = 80 * GiB
-    rows = cfg.prompts_per_step * gcfg.group_size // ranks
-    kw = dict(precision=precision, checkpointing=cfg.gradient_checkpointing, vocab_limit=vocab_limit,
-              lora_rank=cfg.lora_rank, optimizer_offload=cfg.optimizer_offload,
-              fsdp_ranks=ranks if cfg.fsdp else 1, decode=cfg.decode)
-    print_plan(mc, gcfg, rows, prompt_len, budget, **kw)
-    rollout_peak = plan_rl_step(mc, gcfg, rows, prompt_len, gcfg.micro_batch_size, **kw).rollout_peak
-    for card in (24, 48, 80):
-        best = fitting_micro_batch(mc, gcfg, rows, prompt_len, card * GiB, **kw)
-        ok = rollout_peak < 0.9 * card * GiB and best
-        print(f"  on a {card} GB card: " + (f"fits at micro_batch_size <= {best}" if ok else "does not fit"))
-    print_gpu_counts(mc, gcfg, cfg.prompts_per_step, prompt_len, **kw)
-
-
 def dry_run(cfg, gcfg):
     """--dry_run: the memory plan from config.json alone (no weights read; the tokenizer when it is there)."""
     if cfg.init == "qwen":
@@ -399,7 +377,7 @@ def dry_run(cfg, gcfg):
         template, _ = task.prompt_setup(tok, cfg.template, cfg.init == "scratch")
         prompt_len = max(len(tok.encode(task.render_prompt(p, template, tok))) for p in problems)
     precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed"  # the plan is for a GPU
-    memory_plan(cfg, gcfg, mc, prompt_len, precision, tok.n_vocab if tok else None, distributed.from_env().size)
+    print_run_plan(cfg, gcfg, mc, prompt_len, precision, tok.n_vocab if tok else None, distributed.from_env().size)
 
 
 def check_world_size(cfg, size, state=None):
@@ -685,7 +663,7 @@ def rl_setup(run, state):
           + (f"; {cfg.prompts_per_step // world.size} prompts per rank" if world.size > 1 else ""))
     if run.on_cuda or cfg.init == "qwen":
         prompt_len = max(len(tok.encode(task.render_prompt(p, run.template, tok))) for p in run.test_problems)
-        memory_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit, world.size)
+        print_run_plan(cfg, gcfg, model.config, prompt_len, cfg.precision, model.vocab_limit, world.size)
     return optimizer, start, ref_model
 
 
