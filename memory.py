@@ -12,6 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from model import WINDOW_STEP
+
 GiB = 2**30
 
 
@@ -84,7 +86,7 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
     fsdp_ranks = N > 1 (--fsdp): a rank holds 1/N of the weights, gradients, AdamW state and reference, and the
     gathered weights above; rollout_rows are then this rank's rows.
     decode "static" or "compiled" (model.generate): the prompts' prefill cache, then the kept cache of all rows with
-    its columns rounded up to a power of two (generate's cache_len), held in the update as well."""
+    its columns rounded up to whole attention windows (generate's cache_len), held in the update as well."""
     P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
     H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
     T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
@@ -118,7 +120,7 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         reference = P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0
     N = fsdp_ranks
     # K and V, every layer, kv head and position: the eager loop's cache, or the static loop's kept one
-    static_len = min(max(64, 1 << (T - 1).bit_length()), max(T, mc.max_seq_len))
+    static_len = min(-(-T // WINDOW_STEP) * WINDOW_STEP, max(T, mc.max_seq_len))  # generate's cache_len
     kept = 0 if decode == "eager" else 2 * L * kv * a * static_len * rollout_rows
     unit = max(V * C + (0 if mc.tie_embeddings else V * C), adapted_params(mc) // L) * w  # the root, or a block
     return Plan(

@@ -524,8 +524,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         tokens = (tokens.pin_memory() if pin else tokens).to(device, non_blocking=pin)
         mask = None if min(lengths) == T0 else (mask.pin_memory() if pin else mask).to(device, non_blocking=pin)
         cache_len = T0 + max_new_tokens
-        if decode != "eager":  # a few cache lengths (powers of two): few shapes to compile or record
-            cache_len = min(max(64, 1 << (cache_len - 1).bit_length()), max(cache_len, model.config.max_seq_len))
+        if decode != "eager":  # whole attention windows (the kept buffers grow to the longest asked, and stay)
+            cache_len = min(-(-cache_len // WINDOW_STEP) * WINDOW_STEP, max(cache_len, model.config.max_seq_len))
         kv_cache = KVCache(model.config, P, T0 if decode != "eager" else cache_len, device, dtype)
         # logits only over ids < vocab_limit, so ids past it (Qwen's untrained padding rows) are never sampled
         logits = next_token_logits(model, model.hidden_states(tokens, kv_cache, mask)[:, -1], vocab_limit)  # (P, V')
