@@ -640,7 +640,9 @@ class StaticColumnCache:
         """kv_cache: the prompts' prefilled KVCache; rows (B,): the prompt of each batch row. Copies each prompt's
         keys, values, key mask and position into its rows; the columns after the prompt are real tokens to be."""
         B, L = len(rows), kv_cache.length
-        buffers = decode_buffers(config, B, max_len, kv_cache.next_pos.device, kv_cache.keys[0].dtype)
+        # one window more than a step ever reads: a window as wide as the whole buffer would be contiguous and the
+        # others are not, and torch.compile would make a second graph for it
+        buffers = decode_buffers(config, B, max_len + WINDOW_STEP, kv_cache.next_pos.device, kv_cache.keys[0].dtype)
         for kept, prefilled in ((buffers.keys, kv_cache.keys), (buffers.values, kv_cache.values)):
             for buffer, layer in zip(kept, prefilled):
                 buffer[:B, :, :L] = layer[rows, :, :L]
@@ -649,7 +651,7 @@ class StaticColumnCache:
         buffers.next_pos[:B] = kv_cache.next_pos[rows]
         buffers.column.fill_(L)
         self.buffers, self.column, self.prompt_len = buffers, buffers.column, L
-        self.max_len = buffers.key_mask.shape[1]  # the buffers' columns: cache_len or more
+        self.max_len = buffers.key_mask.shape[1]  # the buffers' columns: max_len + WINDOW_STEP or more
         self.use_rows(B)
 
     def use_rows(self, B):

@@ -103,10 +103,11 @@ def test_the_plan_of_qwen_3b_by_hand():
     assert plan.kv_cache == 2 * 36 * 256 * 1174 * 144 * 2
     assert 5.7 < plan.cast_weights / GiB < 5.8  # every weight but the norms, once in bf16
     # --decode=compiled: the 16 prompts' prefill cache (150 positions), then the static loop's cache of 128 rows x
-    # 1216 positions (1174 rounded up to 19 windows of 64), kept between rollouts and so held in the update as well
+    # 1280 positions (1174 rounded up to 19 windows of 64, and one window more), kept between rollouts and so held
+    # in the update as well
     static = plan_rl_step(qwen3b, gcfg, 128, 150, 8, decode="compiled")
-    assert static.kv_cache == 2 * 36 * 256 * (150 * 16 + 1216 * 128) * 2
-    assert static.update_peak - plan.update_peak == static.kept_decode_cache == 2 * 36 * 256 * 1216 * 128 * 2
+    assert static.kv_cache == 2 * 36 * 256 * (150 * 16 + 1280 * 128) * 2
+    assert static.update_peak - plan.update_peak == static.kept_decode_cache == 2 * 36 * 256 * 1280 * 128 * 2
 
 
 def test_the_lora_plan_of_qwen_3b_by_hand():

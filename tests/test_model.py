@@ -403,17 +403,22 @@ def test_the_decode_step_writes_only_static_addresses_kept_from_call_to_call():
 
 def test_compiled_decode_step_equals_the_eager_step_and_generate():
     """torch.compile(fullgraph=True, dynamic=True) of the one-token step (the CPU's C++ compiler builds it): generate's
-    tokens the eager loop's, greedy and sampled, over 70 new tokens (a 128-column cache read through a 64-column
-    window, then the whole of it), and the compiled step's logits within 1e-5 of a full forward at every step."""
+    tokens the eager loop's, greedy and sampled, over 70 new tokens (the cache read through a 64-column window, then
+    a 128-column one: one graph for both), and the compiled step's logits within 1e-5 of a full forward at every
+    step."""
     import model as model_module
+    from torch._dynamo.utils import counters
     from model import window_width
     model = tiny_model(std=0.1, max_seq_len=128)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
     widths, window_width_of = [], model_module.window_width
+    torch._dynamo.reset()  # compiled anew here, so its graphs can be counted
+    graphs = counters["stats"]["unique_graphs"]
     with patch.object(model_module, "window_width", lambda *a: widths.append(window_width_of(*a)) or widths[-1]):
         compiled = generate(model, prompts, 70, temperature=1.0, seed=2, num_samples=2, decode="compiled")
     assert compiled == generate(model, prompts, 70, temperature=1.0, seed=2, num_samples=2)
-    assert widths == [64] * 59 + [128] * 10  # columns 5..63 through a window narrower than the cache, then all
+    assert widths == [64] * 59 + [128] * 10  # columns 5..63 through a 64-column window, then 64..73
+    assert counters["stats"]["unique_graphs"] - graphs == 1
     # greedy at the same batch shape as the sampled call (4 rows): the same compiled step, no second compile
     assert generate(model, prompts, 70, temperature=0.0, num_samples=2, decode="compiled") == \
         generate(model, prompts, 70, temperature=0.0, num_samples=2)
