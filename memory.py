@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from model import WINDOW_STEP
+from model import static_cache_len
 
 GiB = 2**30
 
@@ -85,9 +85,8 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
     optimizer_offload (offload.py): no AdamW state on the GPU (offload_host_bytes: what the host holds instead).
     fsdp_ranks = N > 1 (--fsdp): a rank holds 1/N of the weights, gradients, AdamW state and reference, and the
     gathered weights above; rollout_rows are then this rank's rows.
-    decode "static" or "compiled" (model.generate): the prompts' prefill cache, then the kept cache of all rows with
-    its columns rounded up to whole attention windows (generate's cache_len) and one window more, held in the
-    update as well."""
+    decode "static" or "compiled" (model.generate): the prompts' prefill cache, then the kept cache of all rows,
+    model.static_cache_len columns, held in the update as well."""
     P, L, C, F, V = count_params(mc), mc.n_layers, mc.dim, mc.ffn_dim, mc.vocab_size
     H, kv = mc.n_heads, mc.n_kv_heads * mc.head_dim
     T, B, G = prompt_len + gcfg.max_new_tokens, micro_batch, gcfg.group_size
@@ -121,9 +120,7 @@ def plan_rl_step(mc, gcfg, rollout_rows, prompt_len, micro_batch, precision="bf1
         reference = P * (2 if device_type == "cuda" else w) if gcfg.beta > 0 else 0
     N = fsdp_ranks
     # K and V, every layer, kv head and position: the eager loop's cache, or the static loop's kept one
-    # generate's cache_len, plus the window StaticColumnCache adds so that no step reads the whole buffer
-    static_len = min(-(-T // WINDOW_STEP) * WINDOW_STEP, max(T, mc.max_seq_len)) + WINDOW_STEP
-    kept = 0 if decode == "eager" else 2 * L * kv * a * static_len * rollout_rows
+    kept = 0 if decode == "eager" else 2 * L * kv * a * static_cache_len(T, mc.max_seq_len) * rollout_rows
     unit = max(V * C + (0 if mc.tie_embeddings else V * C), adapted_params(mc) // L) * w  # the root, or a block
     return Plan(
         weights=weights // N,

@@ -524,8 +524,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         tokens = (tokens.pin_memory() if pin else tokens).to(device, non_blocking=pin)
         mask = None if min(lengths) == T0 else (mask.pin_memory() if pin else mask).to(device, non_blocking=pin)
         cache_len = T0 + max_new_tokens
-        if decode != "eager":  # whole attention windows (the kept buffers grow to the longest asked, and stay)
-            cache_len = min(-(-cache_len // WINDOW_STEP) * WINDOW_STEP, max(cache_len, model.config.max_seq_len))
+        if decode != "eager":
+            cache_len = static_cache_len(cache_len, model.config.max_seq_len)
         kv_cache = KVCache(model.config, P, T0 if decode != "eager" else cache_len, device, dtype)
         # logits only over ids < vocab_limit, so ids past it (Qwen's untrained padding rows) are never sampled
         logits = next_token_logits(model, model.hidden_states(tokens, kv_cache, mask)[:, -1], vocab_limit)  # (P, V')
@@ -578,14 +578,22 @@ def cut_after_stop(rows, stop_ids):
 #
 # generate's loop changes shapes as it goes: the cache's filled length is a Python int that grows every step, and
 # finished rows are dropped. A compiled step wants few shapes and no host reads every time. Here the cache stays
-# preallocated and every step attends over a window of its first `width` columns, masked to the columns written
-# so far, with width the filled length rounded up to a multiple of 64 (so the attention reads little more than
-# the eager loop's, and a step sees one shape per 64 tokens); the column to write is a tensor; finished rows stay
-# in the batch (their tokens are discarded) and the host checks for the end every 8 steps only, when the batch
-# is also cut down to the next power of two that holds the rows still going (a few batch sizes). The attention
-# sums gain only masked (zero) terms, so the tokens are the eager loop's.
+# preallocated, kept from one call to the next (DecodeBuffers), and every step attends over a window of its first
+# `width` columns, masked to the columns written so far, with width the filled length rounded up to a multiple of
+# 64 (so the attention reads little more than the eager loop's, and a step sees one shape per 64 tokens); the
+# column to write is a tensor; finished rows stay in the batch (their tokens are discarded) and the host checks
+# for the end every 8 steps only, when the batch is also cut down to the next power of two that holds the rows
+# still going (a few batch sizes). The attention sums gain only masked (zero) terms, so the tokens are the eager
+# loop's.
 
 WINDOW_STEP = 64  # the attention window grows in steps of this many cache columns
+
+
+def static_cache_len(length, max_seq_len):
+    """The columns the static loop's cache needs for `length` = prompt + new tokens: whole windows (capped at
+    max_seq_len unless length is longer), plus one window more than a step ever reads. A window as wide as the
+    whole cache would be contiguous and the others are not, and torch.compile would make a second graph for it."""
+    return min(-(-length // WINDOW_STEP) * WINDOW_STEP, max(length, max_seq_len)) + WINDOW_STEP
 
 
 class DecodeBuffers:
@@ -620,8 +628,9 @@ def decode_buffers(config, rows, max_len, device, dtype):
     first); they only grow, so a run's rollouts and evaluations soon share one set. free_decode_buffers lets go."""
     global _decode_buffers
     if _decode_buffers is None or not _decode_buffers.fits(config, rows, max_len, device, dtype):
-        if _decode_buffers is not None and _decode_buffers.fits(config, 0, 0, device, dtype):
-            rows, max_len = max(rows, _decode_buffers.keys[0].shape[0]), max(max_len, _decode_buffers.keys[0].shape[2])
+        if _decode_buffers is not None and _decode_buffers.fits(config, 0, 0, device, dtype):  # grow, never shrink
+            old = _decode_buffers.keys[0]
+            rows, max_len = max(rows, old.shape[0]), max(max_len, old.shape[2])
         _decode_buffers = None
         _decode_buffers = DecodeBuffers(config, rows, max_len, device, dtype)
     return _decode_buffers
@@ -637,12 +646,11 @@ class StaticColumnCache:
     memory, marked static as well), written at `column`, the same for every row."""
 
     def __init__(self, config, kv_cache, rows, max_len):
-        """kv_cache: the prompts' prefilled KVCache; rows (B,): the prompt of each batch row. Copies each prompt's
-        keys, values, key mask and position into its rows; the columns after the prompt are real tokens to be."""
+        """kv_cache: the prompts' prefilled KVCache; rows (B,): the prompt of each batch row; max_len: the columns
+        (static_cache_len). Copies each prompt's keys, values, key mask and position into its rows; the columns
+        after the prompt are real tokens to be."""
         B, L = len(rows), kv_cache.length
-        # one window more than a step ever reads: a window as wide as the whole buffer would be contiguous and the
-        # others are not, and torch.compile would make a second graph for it
-        buffers = decode_buffers(config, B, max_len + WINDOW_STEP, kv_cache.next_pos.device, kv_cache.keys[0].dtype)
+        buffers = decode_buffers(config, B, max_len, kv_cache.next_pos.device, kv_cache.keys[0].dtype)
         for kept, prefilled in ((buffers.keys, kv_cache.keys), (buffers.values, kv_cache.values)):
             for buffer, layer in zip(kept, prefilled):
                 buffer[:B, :, :L] = layer[rows, :, :L]
@@ -651,7 +659,7 @@ class StaticColumnCache:
         buffers.next_pos[:B] = kv_cache.next_pos[rows]
         buffers.column.fill_(L)
         self.buffers, self.column, self.prompt_len = buffers, buffers.column, L
-        self.max_len = buffers.key_mask.shape[1]  # the buffers' columns: max_len + WINDOW_STEP or more
+        self.max_len = buffers.key_mask.shape[1]  # the buffers' columns: max_len or more
         self.use_rows(B)
 
     def use_rows(self, B):
